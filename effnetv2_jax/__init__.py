@@ -1,0 +1,12 @@
+"""EfficientNetV2 in JAX/Flax, with weights converted from PyTorch (see `python -m convert`)."""
+from effnetv2_jax.checkpoint import load, save
+from effnetv2_jax.configs import VARIANTS, Stage, Variant, get_variant
+from effnetv2_jax.layers import BatchNorm, ConvBNAct, DropPath, SqueezeExcite
+from effnetv2_jax.model import EfficientNetV2, FusedMBConv, MBConv, create_model, list_models
+
+__all__ = [
+    'BatchNorm', 'ConvBNAct', 'DropPath', 'EfficientNetV2', 'FusedMBConv', 'MBConv', 'Stage',
+    'SqueezeExcite', 'VARIANTS', 'Variant', 'create_model', 'get_variant', 'list_models', 'load',
+    'save',
+]
+__version__ = '0.1.0'

@@ -1,0 +1,93 @@
+"""The converted-weights file: Flax variables plus the metadata needed to rebuild the model.
+
+Two formats, same content: one Flax msgpack file (`{'variables': ..., 'metadata': ...}`), or an
+Orbax checkpoint directory (`variables/` via Orbax, `metadata.json` beside it). Writes are atomic:
+a temporary sibling is renamed into place, so a failed write never leaves a partial file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+from effnetv2_jax.model import EfficientNetV2, create_model
+
+FORMAT_VERSION = 1
+MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
+
+
+def model_metadata(model: EfficientNetV2) -> dict[str, Any]:
+    """The metadata entries from which `load` rebuilds `model`."""
+    return {'variant': model.variant.name, 'num_classes': model.num_classes,
+            'padding': model.padding, 'bn_eps': model.bn_eps}
+
+
+def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str = 'msgpack'):
+    """Writes `{'params', 'batch_stats'}` and `metadata` (JSON-able, with MODEL_KEYS) atomically."""
+    path = Path(path)
+    missing = [k for k in MODEL_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f'metadata lacks {missing}')
+    metadata = {'format_version': FORMAT_VERSION, **metadata}
+    variables = jax.tree.map(np.asarray, {k: variables[k] for k in ('params', 'batch_stats')})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == 'msgpack':
+        data = serialization.msgpack_serialize({'variables': variables, 'metadata': metadata})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    elif fmt == 'orbax':
+        import orbax.checkpoint as ocp
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(tmp.absolute() / 'variables', variables)
+            (tmp / 'metadata.json').write_text(json.dumps(metadata, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        raise ValueError(f"format must be 'msgpack' or 'orbax', got {fmt!r}")
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
+    """Returns `(variables, metadata)` of a file `save` wrote, as numpy arrays."""
+    path = Path(path)
+    if path.is_dir():
+        import orbax.checkpoint as ocp
+        with ocp.StandardCheckpointer() as ckptr:
+            variables = ckptr.restore(path.absolute() / 'variables')
+        metadata = json.loads((path / 'metadata.json').read_text())
+    else:
+        try:
+            content = serialization.msgpack_restore(path.read_bytes())
+            variables, metadata = content['variables'], content['metadata']
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f'{path} is not an effnetv2-jax weights file ({e})') from None
+    return jax.tree.map(np.asarray, variables), metadata
+
+
+def load(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
+    """Loads converted weights: returns `(model, variables)` ready for `model.apply`.
+
+    `overrides` go to `create_model` (e.g. `dtype=jnp.bfloat16`, `features_only=True`).
+    """
+    variables, metadata = read(path)
+    model = create_model(metadata['variant'], metadata['num_classes'],
+                         padding=metadata['padding'], bn_eps=metadata['bn_eps'], **overrides)
+    return model, variables

@@ -1,0 +1,162 @@
+"""EfficientNetV2 in Flax linen: FusedMBConv and MBConv blocks, the network, and its builder."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from effnetv2_jax.configs import VARIANTS, Variant, get_variant
+from effnetv2_jax.layers import ConvBNAct, DropPath, SqueezeExcite
+
+Dtype = Any
+
+
+class FusedMBConv(nn.Module):
+    """kxk conv expand (+ 1x1 project), residual with drop path when stride 1 and in == out.
+
+    With expansion 1 the block is one kxk ConvBNAct *with* activation (named `project_conv`, as
+    in the seed). Input (N, H, W, C_in); output (N, H/stride, W/stride, out_channels).
+    """
+
+    out_channels: int
+    expansion: int
+    stride: int
+    kernel_size: int = 3
+    drop_path_rate: float = 0.0
+    conv: Any = ConvBNAct  # a partial of ConvBNAct carrying padding, BN eps and dtypes
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_channels = x.shape[-1]
+        if self.expansion == 1:
+            y = self.conv(self.out_channels, self.kernel_size, self.stride, name='project_conv')(
+                x, train)
+        else:
+            y = self.conv(in_channels * self.expansion, self.kernel_size, self.stride,
+                          name='expand_conv')(x, train)
+            y = self.conv(self.out_channels, 1, activation=None, name='project_conv')(y, train)
+        if self.stride == 1 and in_channels == self.out_channels:
+            y = DropPath(self.drop_path_rate)(y, deterministic=not train) + x
+        return y
+
+
+class MBConv(nn.Module):
+    """1x1 expand -> kxk depthwise -> squeeze-excite -> 1x1 project, residual as in FusedMBConv.
+
+    Input (N, H, W, C_in); output (N, H/stride, W/stride, out_channels).
+    """
+
+    out_channels: int
+    expansion: int
+    stride: int
+    kernel_size: int = 3
+    se_ratio: float = 0.25
+    drop_path_rate: float = 0.0
+    conv: Any = ConvBNAct
+    squeeze_excite: Any = SqueezeExcite
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_channels = x.shape[-1]
+        expanded = in_channels * self.expansion
+        y = self.conv(expanded, 1, name='expand_conv')(x, train)
+        y = self.conv(expanded, self.kernel_size, self.stride, groups=expanded, name='dwconv')(
+            y, train)
+        if self.se_ratio > 0:
+            y = self.squeeze_excite(int(in_channels * self.se_ratio), name='se')(y)
+        y = self.conv(self.out_channels, 1, activation=None, name='project_conv')(y, train)
+        if self.stride == 1 and in_channels == self.out_channels:
+            y = DropPath(self.drop_path_rate)(y, deterministic=not train) + x
+        return y
+
+
+BLOCKS = {'fused': FusedMBConv, 'mbconv': MBConv}
+
+
+class EfficientNetV2(nn.Module):
+    """EfficientNetV2 (arXiv:2104.00298) over NHWC images.
+
+    `__call__(x, train)` takes x (N, H, W, 3) float and returns float32 logits (N, num_classes);
+    pooled features (N, head_channels) when `num_classes == 0`; with `features_only`, a list with
+    the feature map at the end of every stage, (N, H_s, W_s, C_s) each. `train=True` uses batch
+    statistics (pass `mutable=['batch_stats']`) and needs the `dropout` and `drop_path` RNG
+    streams when those rates are non-zero; `train=False` is deterministic.
+
+    Attributes:
+        variant: the architecture (see `effnetv2_jax.configs`).
+        padding: 'symmetric' (seed, torchvision, timm) or 'same' (TensorFlow, timm `tf_*`).
+        dtype: compute dtype; BatchNorm statistics and the logits stay float32.
+        remat: recompute each block's activations in the backward pass (less memory).
+    """
+
+    variant: Variant
+    num_classes: int = 1000
+    dropout_rate: float = 0.2
+    drop_path_rate: float = 0.2
+    padding: str = 'symmetric'
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.9
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    features_only: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = functools.partial(
+            ConvBNAct, padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
+            dtype=self.dtype, param_dtype=self.param_dtype)
+        squeeze_excite = functools.partial(
+            SqueezeExcite, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x.astype(self.dtype)
+        x = conv(self.variant.stem_channels, 3, 2, name='stem')(x, train)
+
+        stage_outputs = []
+        block_id, total = 0, self.variant.num_blocks
+        for stage in self.variant.stages:
+            block_cls = BLOCKS[stage.block]
+            if self.remat:
+                block_cls = nn.remat(block_cls, static_argnums=(2,))
+            extra = ({'se_ratio': stage.se_ratio, 'squeeze_excite': squeeze_excite}
+                     if stage.block == 'mbconv' else {})
+            for j in range(stage.repeats):
+                x = block_cls(
+                    stage.out_channels, stage.expansion, stage.stride if j == 0 else 1,
+                    stage.kernel_size, drop_path_rate=self.drop_path_rate * block_id / total,
+                    conv=conv, name=f'blocks_{block_id}', **extra)(x, train)
+                block_id += 1
+            stage_outputs.append(x)
+        if self.features_only:
+            return stage_outputs
+
+        x = conv(self.variant.head_channels, 1, name='head_conv')(x, train)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(0.01), name='classifier')(x)
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model`: 's', 'm', 'l', 'xl', 'b0', 'b1', 'b2', 'b3'."""
+    return list(VARIANTS)
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNetV2:
+    """Builds an `EfficientNetV2` linen module with the variant's default rates.
+
+    `overrides` are `EfficientNetV2` field names (`dropout_rate`, `drop_path_rate`, `padding`,
+    `bn_eps`, `dtype`, `param_dtype`, `remat`, `features_only`, ...).
+    """
+    variant = get_variant(name)
+    fields = {f.name for f in dataclasses.fields(EfficientNetV2)} - {'parent', 'name', 'variant'}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f'unknown override(s) {sorted(unknown)}; valid: {sorted(fields)}')
+    kwargs = {'dropout_rate': variant.dropout_rate, 'drop_path_rate': variant.drop_path_rate}
+    kwargs.update(overrides)
+    return EfficientNetV2(variant, num_classes=num_classes, **kwargs)
