@@ -1,0 +1,1 @@
+"""PyTorch <-> Flax weight conversion for EfficientNetV2 (`python -m convert --help`)."""

@@ -1,0 +1,126 @@
+"""`python -m convert`: PyTorch EfficientNetV2 checkpoints to Flax, and back with --to-torch.
+
+Exit status: 0 done, 1 --verify found the outputs apart, 2 bad input (one-line error, no output).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from convert import layouts
+from convert.torch_io import CheckpointError
+
+EXAMPLES = """examples:
+  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
+  python -m convert ckpt.pth --ema --verify -o s_ema.msgpack
+  python -m convert tf_efficientnetv2_b0.safetensors --format orbax
+  python -m convert --to-torch weights.msgpack --layout seed -o model.pth
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog='python -m convert', epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Convert EfficientNetV2 weights between PyTorch (seed model.py, torchvision, '
+                    'timm) and Flax (effnetv2_jax).')
+    p.add_argument('input', type=Path, help='.pth/.pt/.bin/.safetensors (or, with --to-torch, '
+                   'a file written by this converter)')
+    p.add_argument('-o', '--output', type=Path, help='output path (default: beside the input)')
+    p.add_argument('--to-torch', action='store_true', help='convert Flax weights to a PyTorch '
+                   'state_dict in --layout (.safetensors by suffix, else torch.save)')
+    p.add_argument('--layout', choices=layouts.LAYOUTS,
+                   help='source layout (default: detected); with --to-torch, the target layout')
+    p.add_argument('--variant', help='s, m, l, xl, b0..b3 (default: detected from shapes)')
+    p.add_argument('--padding', choices=('symmetric', 'same'), help="default: 'same' for timm "
+                   "(its pretrained EfficientNetV2 weights are tf_*), else 'symmetric'")
+    p.add_argument('--bn-eps', type=float, help='BatchNorm epsilon (default 1e-3; timm '
+                   'non-tf_ models use 1e-5)')
+    p.add_argument('--ema', action='store_true', help='take the EMA weights of the checkpoint')
+    p.add_argument('--format', choices=('msgpack', 'orbax'), default='msgpack',
+                   help='Flax msgpack file (default) or an Orbax checkpoint directory')
+    p.add_argument('--verify', action='store_true', help='run the PyTorch and the Flax model on '
+                   'one random batch and fail (exit 1) if max |Δ logit| exceeds the tolerance')
+    p.add_argument('--verify-size', type=int, default=224, help='image size for --verify')
+    p.add_argument('--tolerance', type=float, default=None,
+                   help='allowed max |Δ logit| / max |logit| (default 1e-5)')
+    args = p.parse_args(argv)
+    if args.to_torch and args.layout is None:
+        p.error('--to-torch needs --layout seed|torchvision|timm')
+    return args
+
+
+def default_output(args) -> Path:
+    if args.to_torch:
+        return args.input.with_suffix('.pth')
+    return args.input.with_suffix('.orbax' if args.format == 'orbax' else '.msgpack')
+
+
+def run_verify(layout, metadata, state_dict, variables, size, tolerance) -> bool:
+    import effnetv2_jax
+    from convert import verify
+    tolerance = verify.TOLERANCE if tolerance is None else tolerance
+    flax_model = effnetv2_jax.create_model(
+        metadata['variant'], metadata['num_classes'], padding=metadata['padding'],
+        bn_eps=metadata['bn_eps'])
+    torch_module = verify.torch_model(layout, metadata, state_dict)
+    result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
+    ok = result.relative <= tolerance and result.same_top1
+    print(f'verify ({layout} PyTorch vs Flax, 2 random {size}x{size} images): max |Δ logit| '
+          f'{result.max_abs_diff:.3g} = {result.relative:.3g} of max |logit| '
+          f'(tolerance {tolerance:g}), same top-1: {result.same_top1} -> '
+          f'{"OK" if ok else "FAILED"}')
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    output = args.output or default_output(args)
+    if output.resolve() == args.input.resolve():
+        print(f'error: output {output} would overwrite the input', file=sys.stderr)
+        return 2
+    try:
+        import effnetv2_jax
+        from convert import converter, torch_io
+        if args.to_torch:
+            try:
+                variables, metadata = effnetv2_jax.checkpoint.read(args.input)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(str(e).splitlines()[0]) from None
+            layout, where = args.layout, 'Flax weights'
+            state_dict = converter.flax_to_torch(variables, metadata, layout)
+            if metadata['padding'] == 'same' and layout != 'timm':
+                print(f"warning: these weights expect TF 'same' padding; {layout}'s model pads "
+                      'symmetrically, so its outputs will differ (timm tf_* pads the same way)')
+        else:
+            state_dict, where = torch_io.read_state_dict(args.input, ema=args.ema)
+            variables, metadata = converter.torch_to_flax(
+                state_dict, args.layout, args.variant, args.padding, args.bn_eps)
+            layout = metadata['source_layout']
+        if args.verify and not run_verify(layout, metadata, state_dict, variables,
+                                          args.verify_size, args.tolerance):
+            print('error: verification failed; nothing written', file=sys.stderr)
+            return 1
+        if args.to_torch:
+            torch_io.write_state_dict(output, state_dict)
+        else:
+            effnetv2_jax.save(output, variables, metadata, fmt=args.format)
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    num_params = sum(v.size for k, v in state_dict.items() if 'running_' not in k
+                     and not k.endswith('num_batches_tracked'))
+    direction = 'Flax -> PyTorch' if args.to_torch else 'PyTorch -> Flax'
+    print(f'{direction}: {args.input} [{where}] -> {output}\n'
+          f'  EfficientNetV2-{metadata["variant"].upper()}, {layout} layout, '
+          f'{metadata["num_classes"]} classes, {num_params:,} parameters, padding '
+          f'{metadata["padding"]}, BN eps {metadata["bn_eps"]:g}, '
+          f'{time.perf_counter() - start:.1f} s')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

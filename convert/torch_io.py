@@ -1,0 +1,109 @@
+"""Reading and writing PyTorch checkpoints safely: never unpickles code, never half-writes."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'ema_state_dict')
+MODEL_KEYS = ('state_dict', 'model', 'model_state_dict', 'net', 'params')
+STRIP_PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DDP, torch.compile
+
+
+class CheckpointError(Exception):
+    """A user-facing problem with an input file or its contents (one line, exit status 2)."""
+
+
+def _is_state_dict(obj) -> bool:
+    import torch
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _load_raw(path: Path):
+    import torch
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such file')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise CheckpointError(f'{path}: not a readable safetensors file ({_first_line(e)})')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' in str(e).lower() or 'weights_only' in str(e).lower():
+            raise CheckpointError(
+                f'{path}: refused: the checkpoint holds pickled objects other than tensors and '
+                'plain containers (it could run code when loaded); re-save its state_dict')
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({_first_line(e)})')
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, or truncated '
+                              f'({_first_line(e)})')
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[str, np.ndarray], str]:
+    """Loads a .pth/.pt/.bin/.safetensors file and returns (float32 numpy state_dict, where).
+
+    Unwraps `{'model': sd}`, `{'state_dict': sd}` and EMA entries (with `ema=True`), strips
+    `module.` / `_orig_mod.` prefixes and drops `num_batches_tracked`. `where` names the entry used
+    (and hints at EMA weights left unused).
+    """
+    obj = _load_raw(Path(path))
+    where = 'top level'
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        keys = EMA_KEYS if ema else MODEL_KEYS
+        found = [k for k in keys if _is_state_dict(obj.get(k))]
+        if not found:
+            what = 'an EMA state_dict' if ema else 'a state_dict'
+            raise CheckpointError(
+                f'{path}: found no {what} (looked for {", ".join(keys)}); top-level keys: '
+                f'{", ".join(map(str, list(obj)[:10]))}')
+        if not ema and any(_is_state_dict(obj.get(k)) for k in EMA_KEYS):
+            where = f"'{found[0]}' (EMA weights present too: --ema takes them)"
+        else:
+            where = f"'{found[0]}'"
+        obj = obj[found[0]]
+    elif ema:
+        raise CheckpointError(f'{path}: --ema given but the file holds a bare state_dict')
+    if not _is_state_dict(obj):
+        raise CheckpointError(f'{path}: holds a {type(obj).__name__}, not a state_dict')
+    state_dict = {}
+    for key, tensor in obj.items():
+        for prefix in STRIP_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.endswith('num_batches_tracked'):
+            continue
+        state_dict[key] = tensor.detach().float().cpu().numpy()
+    return state_dict, where
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray]):
+    """Writes a torch state_dict (`.safetensors` by suffix, else `torch.save`) atomically."""
+    import torch
+    path = Path(path)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import save_file
+            save_file(tensors, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
