@@ -37,7 +37,10 @@ def _diff_report(expected: dict, state_dict: dict, limit: int = 8) -> str:
 def resolve_variant(state_dict, layout: str, num_classes: int, variant: str | None) -> Variant:
     """The variant named, or the one whose keys and shapes match `state_dict` exactly."""
     if variant is not None:
-        return get_variant(variant)
+        try:
+            return get_variant(variant)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     candidates = layouts.candidate_variants(state_dict, layout, num_classes)
     if len(candidates) == 1:
         return candidates[0]

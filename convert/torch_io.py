@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,28 @@ def _load_raw(path: Path):
         except Exception as e:  # safetensors raises its own SafetensorError for bad headers
             raise CheckpointError(f'{path}: not a readable safetensors file ({_first_line(e)})')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'weights only' in str(e).lower() or 'weights_only' in str(e).lower():
+        if 'global' in str(e).lower() or _pickle_imports_objects(path):
             raise CheckpointError(
                 f'{path}: refused: the checkpoint holds pickled objects other than tensors and '
                 'plain containers (it could run code when loaded); re-save its state_dict')
-        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({_first_line(e)})')
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint (unreadable pickle data)')
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the file's fault
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, or truncated '
                               f'({_first_line(e)})')
+
+
+def _pickle_imports_objects(path: Path) -> bool:
+    """Whether a raw pickle file names classes or functions (read by opcode, never run)."""
+    try:
+        with open(path, 'rb') as f:
+            return any(op.name in ('GLOBAL', 'STACK_GLOBAL', 'INST', 'OBJ')
+                       for op, _, _ in pickletools.genops(f))
+    except Exception:  # noqa: BLE001 - not a well-formed pickle: nothing was imported
+        return False
 
 
 def _first_line(e: Exception) -> str:
@@ -65,7 +78,7 @@ def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[st
         keys = EMA_KEYS if ema else MODEL_KEYS
         found = [k for k in keys if _is_state_dict(obj.get(k))]
         if not found:
-            what = 'an EMA state_dict' if ema else 'a state_dict'
+            what = 'EMA state_dict' if ema else 'state_dict'
             raise CheckpointError(
                 f'{path}: found no {what} (looked for {", ".join(keys)}); top-level keys: '
                 f'{", ".join(map(str, list(obj)[:10]))}')
@@ -93,7 +106,7 @@ def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray])
     """Writes a torch state_dict (`.safetensors` by suffix, else `torch.save`) atomically."""
     import torch
     path = Path(path)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)

@@ -1,0 +1,557 @@
+"""Specification of the converter command line, `python -m convert`.
+
+Contract: exit 0 when done; 1 when --verify finds the PyTorch and Flax outputs apart (nothing
+written); 2 on bad input, with exactly one line `error: ...` on stderr, no traceback and no
+output file (neither the default one beside the input, nor -o, nor a leftover temporary file).
+
+The CLI runs in-process through `convert.__main__.main(argv)` (a subprocess costs ~3 s); only the
+tests under "the real command" start `python -m convert`. Models are the smallest ones (B0; S
+for torchvision, which has nothing smaller) with randomised BatchNorm statistics and affine
+parameters whose logits depend on the input, so that a wrong mapping cannot pass by accident.
+Each test saves its own input files under its tmp_path, so "nothing written" is checked by
+listing that folder before and after.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import effnetv2_jax
+from convert import layouts, torch_reference
+from convert.__main__ import main
+from effnetv2_jax import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+TV_NUM_CLASSES = 5  # torchvision S gets its own class count, so detection cannot pass by luck
+VERIFY_ARGS = ('--verify', '--verify-size', '64')  # small images: XLA's CPU depthwise conv is slow
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random BatchNorm affine parameters and running statistics; returns the model in eval mode.
+
+    Purely random statistics would let the signal die out with depth, leaving logits that do not
+    depend on the input (and a wrong kernel layout undetectable), so the running statistics are
+    first measured on a random batch, then perturbed, and the batch count is made nonzero.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # + timm's
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)  # drop-path draws from the global generator in train mode
+        for m in norms:
+            m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+            m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: the statistics of the batch below
+        model.train()
+        model(torch.randn(8, 3, 64, 64, generator=gen))
+        for m in norms:
+            m.momentum = 0.1
+            n = m.num_features
+            m.running_var.mul_(0.8 + 0.4 * torch.rand(n, generator=gen))
+            m.running_mean.add_(0.1 * m.running_var.sqrt() * torch.randn(n, generator=gen))
+            m.num_batches_tracked.fill_(7)
+        model.eval()
+        logits = model(torch.randn(2, 3, 64, 64, generator=gen))
+    spread = (logits[0] - logits[1]).abs().max() / logits.abs().max()
+    assert spread > 0.05, 'the logits should depend on the input'
+    return model
+
+
+def clone(state_dict: dict) -> dict:
+    return {k: v.clone() for k, v in state_dict.items()}
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Runs the CLI in-process: (exit status, stdout, stderr)."""
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob('*')}
+
+
+def assert_one_line_error(err: str) -> str:
+    assert 'Traceback' not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f'expected one line on stderr, got:\n{err}'
+    assert lines[0].startswith('error: ')
+    return lines[0]
+
+
+def assert_rejected(capsys, path: Path, *args, mentions: tuple[str, ...] = ()) -> str:
+    """Exit 2, one `error:` line naming `mentions`, and nothing written beside `path`, both with
+    the default output path and with -o. Returns the error line."""
+    folder = path.parent
+    before = files_under(folder)
+    line = ''
+    for output_args in ((), ('-o', folder / 'converted.msgpack')):
+        rc, out, err = cli(capsys, path, *args, *output_args)
+        assert 'Traceback' not in out
+        line = assert_one_line_error(err)
+        assert rc == 2
+        for text in mentions:
+            assert text in line
+    assert files_under(folder) == before, 'a rejected input must leave no file behind'
+    return line
+
+
+def flax_stem_kernel(path: Path) -> np.ndarray:
+    variables, _ = checkpoint.read(path)
+    return variables['params']['stem']['conv']['kernel']
+
+
+def as_flax_kernel(weight: torch.Tensor) -> np.ndarray:
+    """OIHW torch conv weight -> HWIO Flax kernel."""
+    return weight.numpy().transpose(2, 3, 1, 0)
+
+
+def assert_same_state_dict(got: dict, expected: dict):
+    """Same keys; every float tensor bit-identical; num_batches_tracked equal or 0."""
+    assert set(got) == set(expected)
+    for key, want in expected.items():
+        have = got[key]
+        assert have.dtype == want.dtype, key
+        if key.endswith('num_batches_tracked'):  # shape: see test_exported_batch_counts_are_...
+            assert int(have) in (0, int(want)), key
+        else:
+            assert have.shape == want.shape, key
+            assert np.array_equal(have.numpy(), want.numpy()), key
+
+
+# --------------------------------------------------------------------------------------------
+# source models (built once; tests save their own copies under tmp_path)
+
+
+@pytest.fixture(scope='module')
+def seed_b0():
+    return randomize(torch_reference.create('b0', num_classes=NUM_CLASSES), seed=0)
+
+
+@pytest.fixture(scope='module')
+def timm_b0():
+    model = timm.create_model('tf_efficientnetv2_b0', pretrained=False, num_classes=NUM_CLASSES)
+    return randomize(model, seed=1)
+
+
+@pytest.fixture(scope='module')
+def torchvision_s():
+    return randomize(torchvision.models.efficientnet_v2_s(num_classes=TV_NUM_CLASSES), seed=2)
+
+
+@pytest.fixture
+def seed_pth(tmp_path, seed_b0) -> Path:
+    path = tmp_path / 'seed_b0.pth'
+    torch.save(seed_b0.state_dict(), path)
+    return path
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that creates `marker` (if the loader allows it)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {shlex.quote(str(self.marker))}',)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: exit 2, one `error:` line, nothing written
+
+
+@pytest.mark.parametrize('content', [
+    pytest.param(np.random.default_rng(0).bytes(4096), id='random-bytes'),
+    pytest.param(b'this is not a checkpoint\n' * 40, id='text'),
+])
+def test_garbage_bytes_are_rejected(capsys, tmp_path, content):
+    path = tmp_path / 'garbage.pth'
+    path.write_bytes(content)
+    assert_rejected(capsys, path, mentions=(str(path),))
+
+
+def test_garbage_bytes_are_reported_as_unreadable_not_as_a_refused_pickle(capsys, tmp_path):
+    path = tmp_path / 'garbage.pth'
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    line = assert_rejected(capsys, path)
+    assert 'refused' not in line and 'run code' not in line
+
+
+def test_truncated_checkpoint_is_rejected(capsys, tmp_path, seed_b0):
+    whole = tmp_path / 'whole.pth'
+    torch.save(seed_b0.state_dict(), whole)
+    data = whole.read_bytes()
+    whole.unlink()
+    path = tmp_path / 'truncated.pth'
+    path.write_bytes(data[:len(data) // 2])
+    assert_rejected(capsys, path, mentions=(str(path),))
+
+
+def test_non_efficientnet_state_dict_is_rejected(capsys, tmp_path):
+    path = tmp_path / 'resnet18.pth'
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    assert_rejected(capsys, path, mentions=('EfficientNetV2',))
+
+
+def test_shape_mismatch_is_rejected_naming_the_key(capsys, tmp_path, seed_b0):
+    key = 'blocks.3.expand_conv.conv.weight'
+    state_dict = clone(seed_b0.state_dict())
+    state_dict[key] = torch.zeros(state_dict[key].shape[0], 7, 1, 1)
+    path = tmp_path / 'wrong_shape.pth'
+    torch.save(state_dict, path)
+    assert_rejected(capsys, path, mentions=(key,))
+
+
+def test_missing_key_is_rejected_naming_the_key(capsys, tmp_path, seed_b0):
+    key = 'blocks.5.se.conv_reduce.bias'
+    state_dict = clone(seed_b0.state_dict())
+    del state_dict[key]
+    path = tmp_path / 'missing_key.pth'
+    torch.save(state_dict, path)
+    assert_rejected(capsys, path, mentions=(key,))
+
+
+def test_unexpected_key_is_rejected_naming_the_key(capsys, tmp_path, seed_b0):
+    key = 'blocks.2.extra.weight'
+    state_dict = clone(seed_b0.state_dict())
+    state_dict[key] = torch.zeros(3)
+    path = tmp_path / 'unexpected_key.pth'
+    torch.save(state_dict, path)
+    assert_rejected(capsys, path, mentions=(key,))
+
+
+def test_pickle_that_would_run_code_is_refused_without_running_it(capsys, tmp_path):
+    marker = tmp_path / 'MARKER_code_ran'
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:  # a plain pickle file (torch's legacy, non-zip format)
+        pickle.dump({'state_dict': RunsCode(marker)}, f)
+    with warnings.catch_warnings():  # torch's protocol warning on stderr: see the command test
+        warnings.filterwarnings('ignore', message='Detected pickle protocol')
+        line = assert_rejected(capsys, path)
+    assert not marker.exists(), 'loading the checkpoint ran code'
+    assert 'refused' in line
+
+
+def test_nonexistent_input_is_rejected(capsys, tmp_path):
+    assert_rejected(capsys, tmp_path / 'missing.pth', mentions=('missing.pth',))
+
+
+@pytest.mark.parametrize('corruption', ['garbage-header', 'truncated'])
+def test_corrupt_safetensors_is_rejected(capsys, tmp_path, seed_b0, corruption):
+    path = tmp_path / 'corrupt.safetensors'
+    if corruption == 'garbage-header':
+        path.write_bytes(b'\x20\x00\x00\x00\x00\x00\x00\x00{"stem.conv.weight": nonsense}  ')
+    else:
+        save_file(seed_b0.state_dict(), path)
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    assert_rejected(capsys, path, mentions=(str(path),))
+
+
+@pytest.mark.parametrize('wrapped', [False, True], ids=['bare-state-dict', 'state_dict-entry'])
+def test_ema_flag_on_checkpoint_without_ema_weights_is_rejected(capsys, tmp_path, seed_b0,
+                                                                 wrapped):
+    path = tmp_path / 'no_ema.pth'
+    state_dict = seed_b0.state_dict()
+    torch.save({'state_dict': state_dict, 'epoch': 3} if wrapped else state_dict, path)
+    line = assert_rejected(capsys, path, '--ema')
+    assert 'EMA' in line or '--ema' in line
+
+
+def test_unknown_variant_is_rejected(capsys, seed_pth):
+    assert_rejected(capsys, seed_pth, '--variant', 'b9', mentions=('b9',))
+
+
+def test_to_torch_rejects_a_file_the_converter_did_not_write(capsys, seed_pth):
+    before = files_under(seed_pth.parent)
+    rc, _, err = cli(capsys, '--to-torch', seed_pth, '--layout', 'seed',
+                     '-o', seed_pth.parent / 'back.pth')
+    assert_one_line_error(err)
+    assert rc == 2
+    assert files_under(seed_pth.parent) == before
+
+
+# --------------------------------------------------------------------------------------------
+# unwrapping: which tensors of the checkpoint become the Flax weights
+
+
+@pytest.mark.parametrize('entry', ['model', 'state_dict'])
+def test_state_dict_inside_a_training_checkpoint_is_unwrapped(capsys, tmp_path, seed_b0, entry):
+    path = tmp_path / 'train.pth'
+    state_dict = seed_b0.state_dict()
+    torch.save({entry: state_dict, 'epoch': 3, 'optimizer': {'lr': 0.1}}, path)
+    rc, _, _ = cli(capsys, path)
+    assert rc == 0
+    np.testing.assert_array_equal(flax_stem_kernel(path.with_suffix('.msgpack')),
+                                  as_flax_kernel(state_dict['stem.conv.weight']))
+
+
+@pytest.fixture
+def checkpoint_with_ema(tmp_path, seed_b0):
+    """{'state_dict': sd, 'state_dict_ema': ema} where every EMA tensor differs from sd's."""
+    state_dict = seed_b0.state_dict()
+    ema = {k: v + 0.25 if v.is_floating_point() else v for k, v in state_dict.items()}
+    path = tmp_path / 'with_ema.pth'
+    torch.save({'state_dict': state_dict, 'state_dict_ema': ema, 'epoch': 3}, path)
+    return path, state_dict, ema
+
+
+def test_without_ema_flag_the_model_weights_are_taken(capsys, checkpoint_with_ema):
+    path, state_dict, _ = checkpoint_with_ema
+    rc, _, _ = cli(capsys, path)
+    assert rc == 0
+    variables, _ = checkpoint.read(path.with_suffix('.msgpack'))
+    np.testing.assert_array_equal(variables['params']['stem']['conv']['kernel'],
+                                  as_flax_kernel(state_dict['stem.conv.weight']))
+    np.testing.assert_array_equal(variables['batch_stats']['stem']['bn']['mean'],
+                                  state_dict['stem.bn.running_mean'].numpy())
+
+
+def test_with_ema_flag_the_ema_weights_are_taken(capsys, checkpoint_with_ema):
+    path, _, ema = checkpoint_with_ema
+    rc, _, _ = cli(capsys, path, '--ema')
+    assert rc == 0
+    variables, _ = checkpoint.read(path.with_suffix('.msgpack'))
+    np.testing.assert_array_equal(variables['params']['stem']['conv']['kernel'],
+                                  as_flax_kernel(ema['stem.conv.weight']))
+    np.testing.assert_array_equal(variables['batch_stats']['stem']['bn']['mean'],
+                                  ema['stem.bn.running_mean'].numpy())
+
+
+def test_summary_mentions_unused_ema_weights(capsys, checkpoint_with_ema):
+    path, _, _ = checkpoint_with_ema
+    rc, out, _ = cli(capsys, path)
+    assert rc == 0
+    assert 'EMA' in out and '--ema' in out
+
+
+def test_data_parallel_module_prefix_is_stripped(capsys, tmp_path, seed_b0):
+    state_dict = seed_b0.state_dict()
+    path = tmp_path / 'ddp.pth'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in state_dict.items()}}, path)
+    rc, _, _ = cli(capsys, path)
+    assert rc == 0
+    np.testing.assert_array_equal(flax_stem_kernel(path.with_suffix('.msgpack')),
+                                  as_flax_kernel(state_dict['stem.conv.weight']))
+
+
+def test_safetensors_input_is_converted(capsys, tmp_path, timm_b0):
+    state_dict = timm_b0.state_dict()
+    path = tmp_path / 'tf_efficientnetv2_b0.safetensors'
+    save_file(state_dict, path)
+    rc, _, _ = cli(capsys, path)
+    assert rc == 0
+    np.testing.assert_array_equal(flax_stem_kernel(path.with_suffix('.msgpack')),
+                                  as_flax_kernel(state_dict['conv_stem.weight']))
+
+
+# --------------------------------------------------------------------------------------------
+# detection and metadata
+
+
+@pytest.mark.parametrize('layout', ['seed', 'timm', 'torchvision'])
+def test_layout_variant_classes_and_preprocessing_are_detected(capsys, tmp_path, request, layout):
+    model, variant, num_classes, padding, preprocessing = {
+        'seed': ('seed_b0', 'b0', NUM_CLASSES, 'symmetric', {'size': 224}),
+        'timm': ('timm_b0', 'b0', NUM_CLASSES, 'same', {
+            'size': 224, 'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_MEAN}),
+        'torchvision': ('torchvision_s', 's', TV_NUM_CLASSES, 'symmetric', {
+            'size': 384, 'interpolation': 'bilinear', 'mean': IMAGENET_MEAN}),
+    }[layout]
+    path = tmp_path / f'{layout}.pth'
+    torch.save(request.getfixturevalue(model).state_dict(), path)
+    rc, _, _ = cli(capsys, path)
+    assert rc == 0
+    _, metadata = checkpoint.read(path.with_suffix('.msgpack'))
+    assert metadata['source_layout'] == layout
+    assert metadata['variant'] == variant
+    assert metadata['num_classes'] == num_classes
+    assert metadata['padding'] == padding
+    assert metadata['bn_eps'] == pytest.approx(1e-3)
+    for key, value in preprocessing.items():
+        assert metadata['preprocessing'][key] == pytest.approx(value), key
+
+
+def test_padding_and_bn_eps_flags_override_the_defaults(capsys, tmp_path, timm_b0):
+    path = tmp_path / 'timm.pth'
+    torch.save(timm_b0.state_dict(), path)
+    rc, _, _ = cli(capsys, path, '--padding', 'symmetric', '--bn-eps', '1e-5')
+    assert rc == 0
+    _, metadata = checkpoint.read(path.with_suffix('.msgpack'))
+    assert metadata['padding'] == 'symmetric'
+    assert metadata['bn_eps'] == pytest.approx(1e-5)
+    model, _ = effnetv2_jax.load(path.with_suffix('.msgpack'))
+    assert (model.padding, model.bn_eps) == ('symmetric', pytest.approx(1e-5))
+
+
+def test_summary_names_layout_variant_classes_and_parameter_count(capsys, tmp_path, timm_b0):
+    path = tmp_path / 'timm.pth'
+    torch.save(timm_b0.state_dict(), path)
+    rc, out, _ = cli(capsys, path)
+    assert rc == 0
+    num_params = sum(p.numel() for p in timm_b0.parameters())
+    for text in ('timm layout', 'EfficientNetV2-B0', f'{NUM_CLASSES} classes',
+                 f'{num_params:,} parameters'):
+        assert text in out
+
+
+# --------------------------------------------------------------------------------------------
+# round trips and cross-layout export
+
+
+@pytest.mark.parametrize('layout, fixture', [
+    ('seed', 'seed_b0'), ('timm', 'timm_b0'), ('torchvision', 'torchvision_s')])
+def test_torch_to_flax_to_torch_is_bit_exact(capsys, tmp_path, request, layout, fixture):
+    state_dict = request.getfixturevalue(fixture).state_dict()
+    path = tmp_path / 'source.pth'
+    torch.save(state_dict, path)
+    assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
+    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', layout,
+                   '-o', tmp_path / 'back.pth')
+    assert rc == 0
+    assert_same_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True), state_dict)
+
+
+def test_exported_batch_counts_are_scalars_like_torchs(capsys, tmp_path, seed_b0):
+    path = tmp_path / 'source.pth'
+    torch.save(seed_b0.state_dict(), path)
+    assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
+    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'seed',
+                   '-o', tmp_path / 'back.pth')
+    assert rc == 0
+    back = torch.load(tmp_path / 'back.pth', weights_only=True)
+    assert back['stem.bn.num_batches_tracked'].shape == torch.Size([])
+
+
+def test_timm_weights_exported_in_seed_layout_give_the_timm_logits(capsys, tmp_path, timm_b0):
+    path = tmp_path / 'timm.pth'
+    torch.save(timm_b0.state_dict(), path)
+    assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
+    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'seed',
+                   '-o', tmp_path / 'seed.pth')
+    assert rc == 0
+    seed_model = torch_reference.create('b0', NUM_CLASSES, padding='same')
+    seed_model.load_state_dict(torch.load(tmp_path / 'seed.pth', weights_only=True), strict=True)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = timm_b0.eval()(images).numpy()
+        got = seed_model.eval()(images).numpy()
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# output formats
+
+
+def test_orbax_output_loads_the_same_variables_as_msgpack(capsys, seed_pth):
+    assert cli(capsys, seed_pth, '--format', 'orbax')[0] == 0
+    assert cli(capsys, seed_pth, '--format', 'msgpack')[0] == 0
+    orbax_dir, msgpack_file = seed_pth.with_suffix('.orbax'), seed_pth.with_suffix('.msgpack')
+    assert orbax_dir.is_dir()
+    model_o, variables_o = effnetv2_jax.load(orbax_dir)
+    model_m, variables_m = effnetv2_jax.load(msgpack_file)
+    assert jax.tree.structure(variables_o) == jax.tree.structure(variables_m)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, variables_o, variables_m)))
+    assert checkpoint.read(orbax_dir)[1] == checkpoint.read(msgpack_file)[1]
+    assert (model_o.variant, model_o.num_classes) == (model_m.variant, model_m.num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# --verify
+
+
+def test_verify_passes_on_a_correct_conversion(capsys, seed_pth):
+    rc, out, _ = cli(capsys, seed_pth, *VERIFY_ARGS)
+    assert rc == 0
+    assert 'OK' in out
+    assert seed_pth.with_suffix('.msgpack').is_file()
+
+
+def test_verify_fails_with_exit_1_and_writes_nothing_when_the_mapping_is_wrong(
+        capsys, monkeypatch, seed_pth):
+    correct = layouts.torch_to_flax_array
+
+    def kernel_with_height_and_width_swapped(array, kind):  # a plausible porting bug
+        if kind == 'conv':
+            return np.ascontiguousarray(array.transpose(3, 2, 1, 0))
+        return correct(array, kind)
+    monkeypatch.setattr(layouts, 'torch_to_flax_array', kernel_with_height_and_width_swapped)
+    before = files_under(seed_pth.parent)
+    rc, out, err = cli(capsys, seed_pth, *VERIFY_ARGS)
+    assert rc == 1
+    assert 'FAILED' in out
+    assert_one_line_error(err)
+    assert files_under(seed_pth.parent) == before
+
+
+def test_verify_fails_on_a_seed_checkpoint_converted_with_the_wrong_padding(capsys, seed_pth):
+    before = files_under(seed_pth.parent)
+    rc, _, _ = cli(capsys, seed_pth, '--padding', 'same', *VERIFY_ARGS)
+    assert rc == 1
+    assert files_under(seed_pth.parent) == before
+
+
+# --------------------------------------------------------------------------------------------
+# the real command
+
+
+def run_command(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'convert', *map(str, args)], cwd=cwd,
+                          env={**os.environ, 'PYTHONPATH': str(REPO)}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_command_converts_a_checkpoint_end_to_end(seed_pth):
+    result = run_command(seed_pth.name, cwd=seed_pth.parent)
+    assert result.returncode == 0, result.stderr
+    assert 'EfficientNetV2-B0, seed layout' in result.stdout
+    model, variables = effnetv2_jax.load(seed_pth.with_suffix('.msgpack'))
+    assert model.num_classes == NUM_CLASSES
+    np.testing.assert_array_equal(
+        variables['params']['classifier']['bias'],
+        torch.load(seed_pth, weights_only=True)['head.classifier.bias'].numpy())
+
+
+def test_command_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / 'MARKER_code_ran'
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': RunsCode(marker)}, path)  # torch's zip format
+    before = files_under(tmp_path)
+    result = run_command(path, '-o', tmp_path / 'out.msgpack', cwd=tmp_path)
+    assert not marker.exists(), 'loading the checkpoint ran code'
+    assert result.returncode == 2
+    assert 'refused' in assert_one_line_error(result.stderr)
+    assert files_under(tmp_path) == before
+
+
+def test_command_prints_one_line_for_a_refused_plain_pickle(tmp_path):
+    marker = tmp_path / 'MARKER_code_ran'
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        pickle.dump({'state_dict': RunsCode(marker)}, f)
+    result = run_command(path, cwd=tmp_path)
+    assert not marker.exists(), 'loading the checkpoint ran code'
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr)
