@@ -5,6 +5,8 @@ converter's `--verify` and `--to-torch` and by the equivalence tests; imports to
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,3 +140,58 @@ class EfficientNetV2(nn.Module):
 def create(name: str, num_classes: int = 1000, **kwargs) -> EfficientNetV2:
     """The reference model of a variant name ('s', 'b0', ...), randomly initialised."""
     return EfficientNetV2(get_variant(name), num_classes, **kwargs)
+
+
+RESIDUAL_BRANCH_GAIN = 0.1  # trained nets have small last-BN gammas (timm zero-inits them); at
+# gain 1 a random 100-block net is chaotic and amplifies fp32 rounding ~1e4-fold (measured)
+
+
+def _is_residual_block(module) -> bool:
+    # seed reference / torchvision / timm spell the flag differently
+    return any(getattr(module, flag, False) is True
+               for flag in ('has_shortcut', 'use_res_connect', 'has_skip'))
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int, calibration_size: int = 64) -> torch.nn.Module:
+    """Random weights, BN affine parameters and BN running statistics; returns it in eval mode.
+
+    For tests and demos of any of the three layouts: default initialisations give near-constant
+    logits (torchvision's are ~1e-6), which would make a comparison meaningless.
+
+    Conv/linear weights are He-normal. Each BN's running statistics are set, in one eval-mode
+    pass over a random batch, to the statistics of the input that BN actually receives, perturbed
+    per channel (variance x U(0.8, 1.2), mean + 0.1 sigma N(0, 1)). So no statistic equals its
+    default (a mapping that swaps or drops mean/var/scale/bias cannot pass), and yet activations
+    stay O(1) through 100 blocks: a BN downstream of a perturbed one sees the perturbed
+    activations, so perturbations do not compound into a chaotic, ill-conditioned network.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.weight.copy_(randn(*m.weight.shape) * math.sqrt(2.0 / m.weight[0].numel()))
+            if m.bias is not None:
+                m.bias.copy_(randn(*m.bias.shape) * 0.1)
+
+    def calibrate(bn, inputs):
+        x = inputs[0].transpose(0, 1).flatten(1)  # (C, N*H*W)
+        bn.running_var.copy_(x.var(1) * (0.8 + 0.4 * rand(bn.num_features)))
+        bn.running_mean.copy_(x.mean(1) + 0.1 * randn(bn.num_features) * x.std(1))
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.copy_(0.5 + rand(m.num_features))
+            m.bias.copy_(randn(m.num_features) * 0.2)
+            hooks.append(m.register_forward_pre_hook(calibrate))
+    for block in filter(_is_residual_block, model.modules()):
+        last_bn = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        last_bn.weight.mul_(RESIDUAL_BRANCH_GAIN)
+        last_bn.bias.mul_(RESIDUAL_BRANCH_GAIN)
+    model.eval()
+    model(randn(4, 3, calibration_size, calibration_size))
+    for hook in hooks:
+        hook.remove()
+    return model

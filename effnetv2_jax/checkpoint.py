@@ -85,9 +85,10 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
 def load(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
     """Loads converted weights: returns `(model, variables)` ready for `model.apply`.
 
-    `overrides` go to `create_model` (e.g. `dtype=jnp.bfloat16`, `features_only=True`).
+    `overrides` go to `create_model` (e.g. `dtype=jnp.bfloat16`, `features_only=True`,
+    `num_classes=0` for pooled features: the classifier's variables are then unused).
     """
     variables, metadata = read(path)
-    model = create_model(metadata['variant'], metadata['num_classes'],
-                         padding=metadata['padding'], bn_eps=metadata['bn_eps'], **overrides)
-    return model, variables
+    kwargs = {'num_classes': metadata['num_classes'], 'padding': metadata['padding'],
+              'bn_eps': metadata['bn_eps'], **overrides}
+    return create_model(metadata['variant'], **kwargs), variables

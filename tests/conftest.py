@@ -1,70 +1,17 @@
 """Shared test helpers: randomized PyTorch models, real photos, conversion through the CLI."""
 from __future__ import annotations
 
-import math
-import os
+import functools
 
-# Tests must not grab every core's worth of threads twice (torch and XLA side by side).
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=true')
-
+import jax
 import numpy as np
-import pytest
+import timm
 import torch
+import torchvision
 
 import effnetv2_jax
+from convert import torch_reference
 from convert.__main__ import main as convert_main
-
-
-RESIDUAL_BRANCH_GAIN = 0.1  # trained nets have small last-BN gammas (timm zero-inits them); at
-# gain 1 a random 100-block net is chaotic and amplifies fp32 rounding ~1e4-fold (measured)
-
-
-def _is_residual_block(module) -> bool:
-    # seed reference / torchvision / timm spell the flag differently
-    return any(getattr(module, flag, False) is True
-               for flag in ('has_shortcut', 'use_res_connect', 'has_skip'))
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int, calibration_size: int = 64) -> torch.nn.Module:
-    """Random weights, BN affine parameters and BN running statistics; returns it in eval mode.
-
-    Conv/linear weights are He-normal. Each BN's running statistics are set, in one eval-mode
-    pass over a random batch, to the statistics of the input that BN actually receives, perturbed
-    per channel (variance x U(0.8, 1.2), mean + 0.1 sigma N(0, 1)). So no statistic equals its
-    default (a mapping that swaps or drops mean/var/scale/bias cannot pass), and yet activations
-    stay O(1) through 100 blocks: a BN downstream of a perturbed one sees the perturbed
-    activations, so perturbations do not compound into a chaotic, ill-conditioned network.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=gen)
-    randn = lambda *shape: torch.randn(*shape, generator=gen)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            m.weight.copy_(randn(*m.weight.shape) * math.sqrt(2.0 / m.weight[0].numel()))
-            if m.bias is not None:
-                m.bias.copy_(randn(*m.bias.shape) * 0.1)
-
-    def calibrate(bn, inputs):
-        x = inputs[0].transpose(0, 1).flatten(1)  # (C, N*H*W)
-        bn.running_var.copy_(x.var(1) * (0.8 + 0.4 * rand(bn.num_features)))
-        bn.running_mean.copy_(x.mean(1) + 0.1 * randn(bn.num_features) * x.std(1))
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.copy_(0.5 + rand(m.num_features))
-            m.bias.copy_(randn(m.num_features) * 0.2)
-            hooks.append(m.register_forward_pre_hook(calibrate))
-    for block in filter(_is_residual_block, model.modules()):
-        last_bn = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
-        last_bn.weight.mul_(RESIDUAL_BRANCH_GAIN)
-        last_bn.bias.mul_(RESIDUAL_BRANCH_GAIN)
-    model.eval()
-    model(randn(4, 3, calibration_size, calibration_size))
-    for hook in hooks:
-        hook.remove()
-    return model
 
 
 def convert(torch_model: torch.nn.Module, directory, *flags: str, name: str = 'ckpt'):
@@ -94,6 +41,42 @@ def real_photos(size: int) -> np.ndarray:
     return np.stack(photos)
 
 
-@pytest.fixture(scope='session', autouse=True)
-def _torch_threads():
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+LOGIT_RTOL = 1e-5
+GRAD_RTOL, GRAD_ATOL_OF_MAX = 1e-4, 1e-6
+
+TIMM_TF_SYMMETRIC = ('--padding', 'symmetric', '--bn-eps', '1e-5')  # timm's non-tf_ models
+
+# id -> (PyTorch model factory, extra converter flags). Every variant in at least one layout;
+# the large ones (M, L, XL: 30-70 s each on 2 cores) once or twice, to keep CI under 30 minutes.
+SOURCES = {
+    **{f'seed-{v}': (functools.partial(torch_reference.create, v), ())
+       for v in ('s', 'b0', 'b1', 'b2', 'b3')},
+    **{f'torchvision-{v}': (getattr(torchvision.models, f'efficientnet_v2_{v}'), ())
+       for v in ('s', 'm', 'l')},
+    **{f'timm-tf-{v}': (functools.partial(timm.create_model, f'tf_efficientnetv2_{v}'), ())
+       for v in ('s', 'm', 'xl', 'b0')},
+    'timm-s': (functools.partial(timm.create_model, 'efficientnetv2_s'), TIMM_TF_SYMMETRIC),
+}
+
+
+@functools.cache
+def jitted_apply(model):
+    """One compiled forward per model configuration, shared by the sources that convert to it."""
+    return jax.jit(model.apply)
+
+
+def torch_logits(module, images_nhwc):
+    with torch.no_grad():
+        return module(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def assert_logits_close(got, expected) -> float:
+    """Asserts max |Δ| <= LOGIT_RTOL x max |logit| and equal top-1; returns that ratio."""
+    error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+    assert error <= LOGIT_RTOL, f'max |Δ logit| = {error:.2e} of max |logit|'
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    return error
+
+
+def noise(size, batch=2, seed=1):
+    return np.random.default_rng(seed).standard_normal((batch, size, size, 3), np.float32)

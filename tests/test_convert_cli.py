@@ -30,6 +30,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import effnetv2_jax
+from convert.torch_reference import randomize_
 from convert import layouts, torch_reference
 from convert.__main__ import main
 from effnetv2_jax import checkpoint
@@ -46,30 +47,14 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random BatchNorm affine parameters and running statistics; returns the model in eval mode.
-
-    Purely random statistics would let the signal die out with depth, leaving logits that do not
-    depend on the input (and a wrong kernel layout undetectable), so the running statistics are
-    first measured on a random batch, then perturbed, and the batch count is made nonzero.
-    """
+    """`randomize_`, plus a nonzero batch count, and a check that the logits depend on the input
+    (otherwise a wrong kernel layout would go unnoticed)."""
+    randomize_(model, seed)
     gen = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # + timm's
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(seed)  # drop-path draws from the global generator in train mode
-        for m in norms:
-            m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-            m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: the statistics of the batch below
-        model.train()
-        model(torch.randn(8, 3, 64, 64, generator=gen))
-        for m in norms:
-            m.momentum = 0.1
-            n = m.num_features
-            m.running_var.mul_(0.8 + 0.4 * torch.rand(n, generator=gen))
-            m.running_mean.add_(0.1 * m.running_var.sqrt() * torch.randn(n, generator=gen))
-            m.num_batches_tracked.fill_(7)
-        model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.num_batches_tracked.fill_(7)
         logits = model(torch.randn(2, 3, 64, 64, generator=gen))
     spread = (logits[0] - logits[1]).abs().max() / logits.abs().max()
     assert spread > 0.05, 'the logits should depend on the input'
