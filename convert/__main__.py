@@ -62,9 +62,7 @@ def run_verify(layout, metadata, state_dict, variables, size, tolerance) -> bool
     import effnetv2_jax
     from convert import verify
     tolerance = verify.TOLERANCE if tolerance is None else tolerance
-    flax_model = effnetv2_jax.create_model(
-        metadata['variant'], metadata['num_classes'], padding=metadata['padding'],
-        bn_eps=metadata['bn_eps'])
+    flax_model = effnetv2_jax.checkpoint.build_model(metadata)
     torch_module = verify.torch_model(layout, metadata, state_dict)
     result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
     ok = result.relative <= tolerance and result.same_top1

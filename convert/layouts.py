@@ -122,20 +122,16 @@ def entries(variant: Variant, layout: str, with_classifier: bool = True) -> list
     return out
 
 
+# torch axes -> Flax axes: OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); (out, in) -> (in, out)
+_TORCH_TO_FLAX_AXES = {'conv': (2, 3, 1, 0), 'linear': (1, 0), 'vector': (0,)}
+
+
 def torch_to_flax_array(array: np.ndarray, kind: str) -> np.ndarray:
-    if kind == 'conv':
-        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-    if kind == 'linear':
-        return np.ascontiguousarray(array.T)
-    return array
+    return np.ascontiguousarray(array.transpose(_TORCH_TO_FLAX_AXES[kind]))
 
 
 def flax_to_torch_array(array: np.ndarray, kind: str) -> np.ndarray:
-    if kind == 'conv':
-        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-    if kind == 'linear':
-        return np.ascontiguousarray(array.T)
-    return array
+    return np.ascontiguousarray(array.transpose(np.argsort(_TORCH_TO_FLAX_AXES[kind])))
 
 
 def torch_shapes(variant: Variant, layout: str, num_classes: int) -> dict[str, tuple[int, ...]]:

@@ -23,10 +23,12 @@ FORMAT_VERSION = 1
 MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
 
 
-def model_metadata(model: EfficientNetV2) -> dict[str, Any]:
-    """The metadata entries from which `load` rebuilds `model`."""
-    return {'variant': model.variant.name, 'num_classes': model.num_classes,
-            'padding': model.padding, 'bn_eps': model.bn_eps}
+def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:
+    """The model that a weights file's metadata (MODEL_KEYS) describes; `overrides` as in
+    `create_model` take precedence."""
+    kwargs = {'num_classes': metadata['num_classes'], 'padding': metadata['padding'],
+              'bn_eps': metadata['bn_eps'], **overrides}
+    return create_model(metadata['variant'], **kwargs)
 
 
 def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str = 'msgpack'):
@@ -89,6 +91,4 @@ def load(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
     `num_classes=0` for pooled features: the classifier's variables are then unused).
     """
     variables, metadata = read(path)
-    kwargs = {'num_classes': metadata['num_classes'], 'padding': metadata['padding'],
-              'bn_eps': metadata['bn_eps'], **overrides}
-    return create_model(metadata['variant'], **kwargs), variables
+    return build_model(metadata, **overrides), variables

@@ -21,8 +21,8 @@ def convert(torch_model: torch.nn.Module, directory, *flags: str, name: str = 'c
     torch.save(torch_model.state_dict(), source)
     output = directory / f'{name}.msgpack'
     assert convert_main([str(source), '-o', str(output), *flags]) == 0
-    model, variables = effnetv2_jax.load(output)
-    return model, variables, effnetv2_jax.checkpoint.read(output)[1]
+    variables, metadata = effnetv2_jax.checkpoint.read(output)
+    return effnetv2_jax.checkpoint.build_model(metadata), variables, metadata
 
 
 def real_photos(size: int) -> np.ndarray:

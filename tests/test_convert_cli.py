@@ -301,26 +301,18 @@ def checkpoint_with_ema(tmp_path, seed_b0):
     return path, state_dict, ema
 
 
-def test_without_ema_flag_the_model_weights_are_taken(capsys, checkpoint_with_ema):
-    path, state_dict, _ = checkpoint_with_ema
-    rc, _, _ = cli(capsys, path)
+@pytest.mark.parametrize('flags, taken', [((), 'model'), (('--ema',), 'ema')],
+                         ids=['without-ema-flag-model-weights', 'with-ema-flag-ema-weights'])
+def test_ema_flag_picks_which_weights_are_taken(capsys, checkpoint_with_ema, flags, taken):
+    path, state_dict, ema = checkpoint_with_ema
+    expected = {'model': state_dict, 'ema': ema}[taken]
+    rc, _, _ = cli(capsys, path, *flags)
     assert rc == 0
     variables, _ = checkpoint.read(path.with_suffix('.msgpack'))
     np.testing.assert_array_equal(variables['params']['stem']['conv']['kernel'],
-                                  as_flax_kernel(state_dict['stem.conv.weight']))
+                                  as_flax_kernel(expected['stem.conv.weight']))
     np.testing.assert_array_equal(variables['batch_stats']['stem']['bn']['mean'],
-                                  state_dict['stem.bn.running_mean'].numpy())
-
-
-def test_with_ema_flag_the_ema_weights_are_taken(capsys, checkpoint_with_ema):
-    path, _, ema = checkpoint_with_ema
-    rc, _, _ = cli(capsys, path, '--ema')
-    assert rc == 0
-    variables, _ = checkpoint.read(path.with_suffix('.msgpack'))
-    np.testing.assert_array_equal(variables['params']['stem']['conv']['kernel'],
-                                  as_flax_kernel(ema['stem.conv.weight']))
-    np.testing.assert_array_equal(variables['batch_stats']['stem']['bn']['mean'],
-                                  ema['stem.bn.running_mean'].numpy())
+                                  expected['stem.bn.running_mean'].numpy())
 
 
 def test_summary_mentions_unused_ema_weights(capsys, checkpoint_with_ema):
