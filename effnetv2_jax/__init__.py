@@ -1,4 +1,5 @@
 """EfficientNetV2 in JAX/Flax, with weights converted from PyTorch (see `python -m convert`)."""
+from effnetv2_jax.cache import enable_compilation_cache
 from effnetv2_jax.checkpoint import load, save
 from effnetv2_jax.configs import VARIANTS, Stage, Variant, get_variant
 from effnetv2_jax.layers import BatchNorm, ConvBNAct, DropPath, SqueezeExcite
@@ -6,7 +7,7 @@ from effnetv2_jax.model import EfficientNetV2, FusedMBConv, MBConv, create_model
 
 __all__ = [
     'BatchNorm', 'ConvBNAct', 'DropPath', 'EfficientNetV2', 'FusedMBConv', 'MBConv', 'Stage',
-    'SqueezeExcite', 'VARIANTS', 'Variant', 'create_model', 'get_variant', 'list_models', 'load',
-    'save',
+    'SqueezeExcite', 'VARIANTS', 'Variant', 'create_model', 'enable_compilation_cache',
+    'get_variant', 'list_models', 'load', 'save',
 ]
 __version__ = '0.1.0'

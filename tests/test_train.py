@@ -1,0 +1,159 @@
+"""`python -m train` in this process (one CPU device): schedule, convergence, fine-tuning, data
+errors. Multi-device and multi-process behaviour: test_train_distributed.py."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import effnetv2_jax
+from convert import torch_reference
+from tests.conftest import convert
+from train.__main__ import main as train_main
+from train.config import PRESETS, TrainConfig, parse_args
+from train.digits import materialize_digits
+from train.progressive import make_stages
+from train.trainer import make_optimizer
+
+# A few steps at one image size: enough to exercise a code path, cheap to compile.
+SHORT = ['--epochs', '0.2', '--num-stages', '1', '--log-every', '1', '--eval-every', '100']
+
+
+@pytest.fixture(scope='session')
+def digits(tmp_path_factory):
+    return materialize_digits(str(tmp_path_factory.mktemp('data') / 'digits'))
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.parametrize('preset, sizes, randaug, mixup', [
+        ('imagenet-s', [171, 214, 257, 300], [6.25, 7.5, 8.75, 10], [0, 0, 0, 0]),
+        ('imagenet-l', [192, 256, 320, 384], [8.75, 12.5, 16.25, 20], [0.125, 0.25, 0.375, 0.5]),
+])
+def test_progressive_stages_raise_size_and_regularisation_together(preset, sizes, randaug, mixup):
+    config = parse_args(['--preset', preset])
+    variant = effnetv2_jax.get_variant(config.variant)
+    stages = make_stages(config, 1000, variant.train_size)
+    assert [s.image_size for s in stages] == sizes
+    assert [s.randaug for s in stages] == pytest.approx(randaug)
+    assert [s.mixup for s in stages] == pytest.approx(mixup)
+    assert stages[0].dropout < stages[-1].dropout == config.dropout
+    assert [(s.first_step, s.last_step) for s in stages] == [
+            (0, 250), (250, 500), (500, 750), (750, 1000)]
+
+
+def test_command_line_flags_override_the_preset():
+    config = parse_args(['--preset', 'imagenet-s', '--batch-size', '512', '--flip', 'false'])
+    assert (config.variant, config.batch_size, config.flip) == ('s', 512, False)
+    assert config.lr == pytest.approx(0.016 * 512 / 256)
+    assert set(PRESETS['imagenet-s']) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize('optimizer', ['rmsprop', 'sgd', 'adamw'])
+def test_weight_decay_skips_batchnorm_and_biases(optimizer):
+    config = dataclasses.replace(TrainConfig(), optimizer=optimizer, weight_decay=0.5)
+    tx = make_optimizer(config, optax.constant_schedule(1.0))
+    params = {'conv': {'kernel': np.ones((3, 3, 2, 2), np.float32)},
+              'bn': {'scale': np.ones(2, np.float32), 'bias': np.ones(2, np.float32)}}
+    zero_grads = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert np.all(np.asarray(updates['conv']['kernel']) < 0)
+    assert np.all(np.asarray(updates['bn']['scale']) == 0)
+    assert np.all(np.asarray(updates['bn']['bias']) == 0)
+
+
+def test_digits_default_reaches_90_percent(tmp_path, digits, capsys):
+    """The README's main job: the default run, only its data and workdir placed for the test."""
+    workdir = tmp_path / 'run'
+    assert train_main(['--data-dir', digits, '--workdir', str(workdir)]) == 0
+    summary = read_metrics(workdir)[-1]['summary']
+    assert summary['best_top1'] >= 0.90, summary
+    assert (workdir / 'curves.png').stat().st_size > 10_000
+    assert 'done: best val top-1' in capsys.readouterr().out
+    sizes = sorted({r['image_size'] for r in read_metrics(workdir) if 'image_size' in r})
+    assert sizes == [26, 29, 32]
+    result_args = ['--eval-only', '--init', str(workdir / 'model.msgpack'),
+                   '--data-dir', f'{digits}/test']
+    assert train_main(result_args) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result['images'] == 269 and result['top1'] >= 0.85, result
+
+
+@pytest.fixture(scope='module')
+def converted_b0(tmp_path_factory):
+    """A 1000-class B0 converted from a randomized PyTorch model of the seed architecture."""
+    directory = tmp_path_factory.mktemp('converted')
+    torch_model = torch_reference.randomize_(torch_reference.create('b0', 1000), seed=3)
+    convert(torch_model, directory, name='b0')
+    return directory / 'b0.msgpack'
+
+
+def final_variables(workdir):
+    variables, metadata = effnetv2_jax.checkpoint.read(workdir / 'model.msgpack')
+    return variables, metadata
+
+
+def test_fine_tuning_starts_from_converted_weights_with_a_new_classifier(
+        tmp_path, digits, converted_b0):
+    workdir = tmp_path / 'run'
+    assert train_main(['--data-dir', digits, '--workdir', str(workdir), '--init',
+                       str(converted_b0), '--ema-decay', '0', '--base-lr', '1e-4', *SHORT]) == 0
+    start, _ = effnetv2_jax.checkpoint.read(converted_b0)
+    end, metadata = final_variables(workdir)
+    assert metadata['num_classes'] == 10
+    assert end['params']['classifier']['kernel'].shape == (1280, 10)
+    stem_start, stem_end = start['params']['stem']['conv']['kernel'], end['params']['stem'][
+            'conv']['kernel']
+    assert not np.array_equal(stem_start, stem_end)  # trained ...
+    np.testing.assert_allclose(stem_end, stem_start, atol=1e-2)  # ... from the converted weights
+
+
+def test_frozen_backbone_changes_only_the_classifier(tmp_path, digits, converted_b0):
+    workdir = tmp_path / 'run'
+    assert train_main(['--data-dir', digits, '--workdir', str(workdir), '--init',
+                       str(converted_b0), '--freeze-backbone', '--ema-decay', '0',
+                       *SHORT]) == 0
+    start, _ = effnetv2_jax.checkpoint.read(converted_b0)
+    end, _ = final_variables(workdir)
+    head = end['params'].pop('classifier')
+    start['params'].pop('classifier')
+    assert head['kernel'].shape == (1280, 10)
+    jax.tree.map(np.testing.assert_array_equal, end['params'], start['params'])
+    jax.tree.map(np.testing.assert_array_equal, end['batch_stats'], start['batch_stats'])
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, digits, capsys):
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        for label in ('3', '7'):
+            (data / split / label).mkdir(parents=True)
+            for png in sorted((Path(digits) / split / label).glob('*.png'))[:40]:
+                (data / split / label / png.name).write_bytes(png.read_bytes())
+    (data / 'train' / '3' / 'broken.png').write_bytes(b'not an image')
+    (data / 'val' / '7' / 'broken.jpg').write_bytes(b'\xff\xd8\xff garbage')
+    workdir = tmp_path / 'run'
+    assert train_main(['--data-dir', str(data), '--workdir', str(workdir), '--batch-size', '16',
+                       '--epochs', '1', '--num-stages', '1', '--eval-every', '1']) == 0
+    out = capsys.readouterr().out
+    summary = read_metrics(workdir)[-1]['summary']
+    assert summary['skipped_images'] >= 1
+    assert 'unreadable images skipped' in out
+    assert summary['final']['skipped'] == 1  # the broken val image, masked out of the metrics
+
+
+@pytest.mark.parametrize('make, message', [
+        (lambda d: d / 'nowhere', 'not found'),
+        (lambda d: (d / 'empty').mkdir() or d / 'empty', 'no class subfolders'),
+])
+def test_bad_data_folder_is_a_one_line_error(tmp_path, capsys, make, message):
+    assert train_main(['--data-dir', str(make(tmp_path)), '--workdir',
+                       str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and message in err and '\n' not in err

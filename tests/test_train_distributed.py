@@ -1,0 +1,184 @@
+"""The sharded step and whole runs across devices and processes (subprocesses: the device count
+is fixed when JAX starts)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+import effnetv2_jax
+from train.digits import materialize_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+# 16 steps of 64 digits at 32 px, checkpoints every 4: long enough to be interrupted mid-run.
+RUN = ['--epochs', '0.85', '--num-stages', '2', '--log-every', '1', '--eval-every', '100',
+       '--checkpoint-every', '4']
+
+
+def environment(devices: int) -> dict:
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+           'PYTHONPATH': str(ROOT)}
+    env.pop('JAX_PLATFORMS', None)
+    return env
+
+
+def train(workdir, *args, devices=1, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, '-m', 'train', '--workdir', str(workdir), *args],
+                            cwd=ROOT, env=environment(devices), capture_output=True, text=True,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+    return materialize_digits(str(tmp_path_factory.mktemp('data') / 'digits'))
+
+
+def weights(workdir):
+    variables, _ = effnetv2_jax.checkpoint.read(Path(workdir) / 'model.msgpack')
+    return variables
+
+
+def max_relative_difference(a, b) -> float:
+    diffs = jax.tree.leaves(jax.tree.map(
+            lambda x, y: float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-12)), a, b))
+    return max(diffs)
+
+
+SHARDED_STEP_CHECK = textwrap.dedent('''
+    import dataclasses, functools, json, jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    import effnetv2_jax
+    from train import trainer
+    from train.config import TrainConfig
+
+    config = dataclasses.replace(TrainConfig(), optimizer='sgd', momentum=0.0, weight_decay=0.0,
+                                 label_smoothing=0.1, mixup=0.4, cutmix=1.0, ema_decay=0.9)
+    model = effnetv2_jax.create_model('b0', num_classes=10, dropout_rate=0.3)
+    schedule = lambda step: 1.0  # updates = -gradients
+    tx = trainer.make_optimizer(config, schedule)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (16, 33, 33, 3), np.uint8),
+             'label': rng.integers(0, 10, 16).astype(np.int32)}
+    variables = jax.device_get(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 33, 33, 3))))
+    spec = {'mean': (0.5,) * 3, 'std': (0.5,) * 3}
+    results = {}
+    for devices in (8, 1):
+        mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
+        state = trainer.create_state(model, tx, variables)
+        sharding = trainer.state_shardings(mesh, state)
+        state = jax.device_put(state, sharding)
+        step = trainer.jit_train_step(mesh, sharding, model=model, tx=tx, schedule=schedule,
+                                      spec=spec, base_key=jax.random.key(1), config=config,
+                                      mixup=config.mixup)
+        state, metrics = step(state, trainer.global_batch(mesh, batch))
+        results[devices] = jax.device_get((state, metrics))
+        assert len(jax.tree.leaves(state)[0].sharding.device_set) == devices
+
+    (state8, metrics8), (state1, metrics1) = results[8], results[1]
+    grads = lambda s: jax.tree.map(lambda a, b: a - b, variables['params'], s.params)
+    def worst(a, b):
+        # max over tensors of max |a - b| / max |b|, the denominator floored at 1% of the tree's
+        # largest value: some exact gradients are 0 (a BN bias followed by another BN) and
+        # both runs give rounding noise of ~1e-8 there.
+        floor = 0.01 * max(float(np.max(np.abs(y))) for y in jax.tree.leaves(b))
+        return max(jax.tree.leaves(jax.tree.map(
+                lambda x, y: float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), floor)), a, b)))
+    print(json.dumps({'loss': abs(float(metrics8['loss'] - metrics1['loss'])),
+                      'updates': worst(grads(state8), grads(state1)),
+                      'batch_stats': worst(state8.batch_stats, state1.batch_stats),
+                      'ema': worst(state8.ema_params, state1.ema_params)}))
+''')
+
+
+def test_sharded_step_on_8_devices_equals_the_single_device_step():
+    """One step (mixup/cutmix, dropout, drop path, BN in train mode, EMA) with the batch sharded
+    over 8 fake CPU devices vs on 1. Only summation order differs (BN statistics and gradients
+    are all-reduced), so fp32 agreement within 1e-4 (gradients) or 1e-5 (BN statistics, EMA) of
+    each tensor's largest value (floored at 1% of the largest in the tree)."""
+    result = subprocess.run([sys.executable, '-c', SHARDED_STEP_CHECK], cwd=ROOT,
+                            env=environment(8), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    differences = json.loads(result.stdout.strip().splitlines()[-1])
+    print('8 vs 1 device:', differences)
+    assert differences['loss'] <= 1e-5
+    assert differences['updates'] <= 1e-4
+    assert differences['batch_stats'] <= 1e-5
+    assert differences['ema'] <= 1e-5
+
+
+def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, digits):
+    """Two processes x 2 devices joined by jax.distributed (gloo on loopback), each loading its
+    half of every global batch, vs one process with 4 devices and the same global batches."""
+    port = portpicker.pick_unused_port()
+    args = ['--data-dir', digits, *RUN, '--epochs', '0.25', '--checkpoint-every', '2']
+    processes = [subprocess.Popen(
+            [sys.executable, '-m', 'train', '--workdir', str(tmp_path / 'multi'), *args,
+             '--coordinator-address', f'127.0.0.1:{port}', '--num-processes', '2',
+             '--process-id', str(i)], cwd=ROOT, env=environment(2), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (_, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert '2 process(es)' in outputs[0][1] + outputs[0][0]
+    train(tmp_path / 'single', *args, devices=4)
+    difference = max_relative_difference(weights(tmp_path / 'multi'), weights(tmp_path / 'single'))
+    print('2 processes vs 1:', difference)
+    assert difference <= 1e-5
+
+
+def interrupt(workdir, args, devices, after_step) -> subprocess.CompletedProcess:
+    """Starts a run and sends it SIGTERM once it has logged `after_step`."""
+    process = subprocess.Popen(
+            [sys.executable, '-m', 'train', '--workdir', str(workdir), *args], cwd=ROOT,
+            env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = Path(workdir) / 'metrics.jsonl'
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and any(f'"step": {after_step},' in line
+                                    for line in metrics.read_text().splitlines()):
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, digits):
+    workdir = tmp_path_factory.mktemp('uninterrupted')
+    train(workdir, '--data-dir', digits, *RUN)
+    return workdir
+
+
+def test_killed_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
+        tmp_path, digits, uninterrupted):
+    args = ['--data-dir', digits, *RUN]
+    stopped = interrupt(tmp_path, args, devices=1, after_step=5)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert 'SIGTERM: saved step' in stopped.stderr
+    resumed = train(tmp_path, *args)
+    assert 'resumed at step' in resumed.stderr + resumed.stdout
+    jax.tree.map(np.testing.assert_array_equal, weights(tmp_path), weights(uninterrupted))
+
+
+def test_run_saved_on_8_devices_resumes_on_1(tmp_path, digits, uninterrupted):
+    args = ['--data-dir', digits, *RUN]
+    stopped = interrupt(tmp_path, args, devices=8, after_step=5)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    train(tmp_path, *args, devices=1)
+    difference = max_relative_difference(weights(tmp_path), weights(uninterrupted))
+    print('8-then-1 devices vs uninterrupted 1 device:', difference)
+    assert difference <= 1e-3

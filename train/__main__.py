@@ -1,0 +1,70 @@
+"""`python -m train`: see `python -m train --help` and the README's training section."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _cluster_detected() -> bool:
+    """Environments where `jax.distributed.initialize()` finds its peers by itself."""
+    env = os.environ
+    return (int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+            or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+            or 'MEGASCALE_COORDINATOR_ADDRESS' in env)
+
+
+def init_distributed(config):
+    """Joins the processes of a multi-host run before any other JAX call."""
+    import jax
+    manual = config.coordinator_address is not None
+    if not (manual or config.distributed == 'on'
+            or (config.distributed == 'auto' and _cluster_detected())):
+        return
+    # CPU collectives across processes (harmless on GPU/TPU, whose collectives are native).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    if manual:
+        jax.distributed.initialize(config.coordinator_address, config.num_processes,
+                                   config.process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def main(argv=None) -> int:
+    from train.config import parse_args
+    config = parse_args(argv)
+    init_distributed(config)
+    from effnetv2_jax import enable_compilation_cache
+    enable_compilation_cache()
+    from train import loop
+    from train.input_pipeline import DataError
+    try:
+        if config.eval_only:
+            result = loop.evaluate_checkpoint(config)
+            print(f'{config.init}: top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%}, '
+                  f'loss {result["loss"]:.4f} on {result["images"]} images'
+                  + (f' ({result["skipped_images"]} unreadable, skipped)'
+                     if result['skipped_images'] else ''))
+            print(json.dumps(result))
+            return 0
+        summary = loop.train_and_evaluate(config)
+    except DataError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except loop.Preempted as e:
+        print(str(e), file=sys.stderr)
+        return 143  # 128 + SIGTERM: the run is not finished; schedulers may requeue it
+    import jax
+    if jax.process_index() == 0:
+        rate = summary['images_per_second']
+        print(f'done: best val top-1 {summary["best_top1"]:.2%} ({summary["best_weights"]} '
+              f'weights, step {summary["best_step"]}) in {summary["seconds"]:.0f} s'
+              + (f', {rate:.0f} img/s' if rate else '')
+              + (f', {summary["skipped_images"]} unreadable images skipped'
+                 if summary['skipped_images'] else '')
+              + f'; weights {summary["weights"]}, curves {summary["plot"]}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Orbax checkpoints of a run: train state, the grain iterator's position and the stage.
+
+Saves are asynchronous (the arrays are copied off the devices, then written in the background);
+`keep` most recent steps are kept. Restoring builds the state onto the current mesh, so a run
+saved on 8 devices resumes on 1 and vice versa.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    def __init__(self, workdir: str, keep: int):
+        self.manager = ocp.CheckpointManager(
+                Path(workdir).absolute() / 'checkpoints',
+                options=ocp.CheckpointManagerOptions(
+                        max_to_keep=keep, enable_async_checkpointing=True, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, stage: int, num_workers: int):
+        """Starts an asynchronous save of `state` and the iterator position at `step`; the
+        iterator's layout (stage, process count, workers) goes beside it."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                progress=ocp.args.JsonSave({'step': step, 'stage': stage,
+                                            'process_count': jax.process_count(),
+                                            'num_workers': num_workers})))
+
+    def restore_progress(self, step: int) -> dict:
+        """{'step', 'stage', 'process_count', 'num_workers'} of the checkpoint at `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+                progress=ocp.args.JsonRestore()))['progress']
+
+    def restore_state(self, step: int, abstract_state):
+        """The state at `step`, placed with the shardings of `abstract_state`'s leaves
+        (`jax.ShapeDtypeStruct`s with `.sharding`)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))['state']
+
+    def restore_iterator(self, step: int, data_iterator):
+        """Moves `data_iterator` to the saved position (saved with the same layout)."""
+        self.manager.restore(step, args=ocp.args.Composite(
+                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

@@ -1,0 +1,303 @@
+"""Image-folder input pipeline on grain: deterministic, resumable, and independent of the number
+of processes and workers.
+
+The training stream is one global sequence of positions: epoch e holds a permutation of the N
+images fixed by (seed, e), and global batch s is positions [s G, (s + 1) G). Process p of P takes
+the contiguous chunk [s G + p L, s G + (p + 1) L), L = G / P, because
+`jax.make_array_from_process_local_data` concatenates process-local rows in process order. Every
+random choice for an element comes from (seed, stage, position), so a global batch holds the same
+images with the same augmentation for any P and any number of grain workers.
+
+One grain element is one local batch: workers (`mp_prefetch`) get whole batches, so decoding runs
+in the workers and batch contents do not depend on how batches are spread over them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import sys
+
+import grain
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from effnetv2_jax.preprocess import eval_transform, to_rgb
+from train.randaugment import rand_augment
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+MAX_SUBSTITUTIONS = 16  # consecutive unreadable images tolerated before giving up
+# Batch-level threads per process (main or worker): PIL decodes and resizes without the GIL.
+READ_THREADS = 2
+_SHUFFLE, _AUGMENT = 0, 1  # seed-sequence tags keep the two random streams apart
+
+_DTYPES = {'image': np.uint8, 'label': np.int32, 'mask': np.float32, 'skipped': np.int32}
+
+log = logging.getLogger(__name__)
+
+
+class DataError(Exception):
+    """A problem with the user's data or data settings; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageFolder:
+    """Images and labels of a class-per-subfolder tree; labels index the sorted class names."""
+    root: str
+    paths: tuple[str, ...]
+    labels: np.ndarray  # int32 [N]
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices) -> ImageFolder:
+        """The images at `indices`, same classes."""
+        indices = np.asarray(indices, np.int64)
+        return ImageFolder(self.root, tuple(self.paths[i] for i in indices),
+                           self.labels[indices], self.class_names)
+
+
+def scan_image_folder(root: str) -> ImageFolder:
+    """Reads `root/<class>/<image>` (one level, hidden entries skipped, everything sorted)."""
+    if not os.path.isdir(root):
+        raise DataError(f'data folder not found: {root}')
+    class_names = tuple(sorted(e.name for e in os.scandir(root)
+                               if e.is_dir() and not e.name.startswith('.')))
+    if not class_names:
+        raise DataError(f'no class subfolders in {root} (expected {root}/<class>/<image>)')
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        files = sorted(e.name for e in os.scandir(folder) if e.is_file()
+                       and not e.name.startswith('.')
+                       and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in the class folders of '
+                        f'{root}')
+    return ImageFolder(root, tuple(paths), np.asarray(labels, np.int32), class_names)
+
+
+def find_splits(data_dir: str, val_split: float = 0.0,
+                seed: int = 0) -> tuple[ImageFolder, ImageFolder | None]:
+    """(train, val) of `data_dir`: its `train/` and `val/` folders when `train/` exists, else
+    `data_dir` as one class tree. Without a `val/` folder, `val_split` in (0, 1) holds out that
+    fraction of every class (seeded; each class keeps at least one training image); val is None
+    when `val_split` is 0 or holds out nothing."""
+    if not 0 <= val_split < 1:
+        raise DataError(f'val_split must be in [0, 1), got {val_split}')
+    train_dir, val_dir = os.path.join(data_dir, 'train'), os.path.join(data_dir, 'val')
+    if os.path.isdir(train_dir):
+        train = scan_image_folder(train_dir)
+        if os.path.isdir(val_dir):
+            val = scan_image_folder(val_dir)
+            if val.class_names != train.class_names:
+                only_train = sorted(set(train.class_names) - set(val.class_names))
+                only_val = sorted(set(val.class_names) - set(train.class_names))
+                raise DataError(f'class folders of {val_dir} and {train_dir} differ: only in '
+                                f'train {only_train[:5]}, only in val {only_val[:5]}')
+            return train, val
+    else:
+        train = scan_image_folder(data_dir)
+    if val_split == 0:
+        return train, None
+    held_out = []
+    for label in range(len(train.class_names)):
+        members = np.flatnonzero(train.labels == label)
+        count = min(int(round(len(members) * val_split)), len(members) - 1)
+        if count > 0:
+            rng = np.random.default_rng([seed, label])
+            held_out.append(rng.choice(members, count, replace=False))
+    if not held_out:
+        return train, None
+    val_indices = np.sort(np.concatenate(held_out))
+    train_indices = np.setdiff1d(np.arange(len(train)), val_indices)
+    return train.subset(train_indices), train.subset(val_indices)
+
+
+def load_image(path: str) -> Image.Image | None:
+    """The decoded 'RGB' image, or None (logged) when the file cannot be read or decoded."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as e:  # noqa: BLE001 -- any decoder failure means "unreadable"
+        log.warning('unreadable image %s: %s', path, e)
+        return None
+
+
+def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],
+                        rng: np.random.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """torchvision's RandomResizedCrop (10 tries, then a center crop of clamped aspect ratio),
+    resized bicubic to `size` x `size`."""
+    width, height = image.size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            break
+    else:
+        if width / height < ratio[0]:
+            w, h = width, int(round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            w, h = int(round(height * ratio[1])), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    return image.resize((size, size), Image.Resampling.BICUBIC,
+                        box=(left, top, left + w, top + h))
+
+
+def train_transform(image: Image.Image, rng: np.random.Generator, *, image_size: int,
+                    min_scale: float, flip: bool, randaug_layers: int,
+                    randaug_magnitude: float) -> np.ndarray:
+    """Random-resized crop, optional horizontal flip, RandAugment: uint8 [size, size, 3]."""
+    image = random_resized_crop(image, image_size, (min_scale, 1.0), rng)
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(rand_augment(image, randaug_layers, randaug_magnitude, rng))
+
+
+@functools.lru_cache(maxsize=2)  # per process; consecutive batches share an epoch
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Global batch s, process p -> the stream positions of p's local batch."""
+    global_batch_size: int
+    process_index: int
+    process_count: int
+
+    def __post_init__(self):
+        g, p, count = self.global_batch_size, self.process_index, self.process_count
+        if g <= 0 or count <= 0 or g % count:
+            raise DataError(f'global batch size {g} must be a positive multiple of the process '
+                            f'count {count}')
+        if not 0 <= p < count:
+            raise DataError(f'process index {p} is not in [0, {count})')
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.process_count
+
+    def positions(self, step: int) -> range:
+        first = step * self.global_batch_size + self.process_index * self.local_batch_size
+        return range(first, first + self.local_batch_size)
+
+
+class _LocalBatch:
+    """Step -> this process's local batch, one `_element(position)` per row; subclasses are
+    dataclasses, so grain can pickle them into its worker processes."""
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        elements = [self._element(q) for q in self.layout.positions(step)]
+        return {k: np.asarray([e[k] for e in elements], _DTYPES[k]) for k in elements[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatch(_LocalBatch):
+    """Augmented training rows of the global stream."""
+    folder: ImageFolder
+    layout: _Layout
+    seed: int
+    stage: int
+    transform: functools.partial  # train_transform with its keyword settings
+
+    def _element(self, position: int) -> dict:
+        n = len(self.folder)
+        # An unreadable image is replaced by the next one in the stream, so shapes stay fixed.
+        for skipped in range(MAX_SUBSTITUTIONS):
+            epoch, k = divmod(position + skipped, n)
+            index = _epoch_permutation(self.seed, epoch, n)[k]
+            image = load_image(self.folder.paths[index])
+            if image is not None:
+                break
+        else:
+            raise DataError(f'{MAX_SUBSTITUTIONS} unreadable images in a row, the last '
+                            f'{self.folder.paths[index]}')
+        rng = np.random.default_rng([self.seed, _AUGMENT, self.stage, position])
+        return {'image': self.transform(image, rng), 'label': self.folder.labels[index],
+                'skipped': skipped}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatch(_LocalBatch):
+    """Eval rows in folder order; positions past the data are masked padding."""
+    folder: ImageFolder
+    layout: _Layout
+    spec: dict
+
+    def _element(self, position: int) -> dict:
+        blank = {'image': np.zeros((self.spec['size'],) * 2 + (3,), np.uint8), 'label': 0,
+                 'mask': 0.0, 'skipped': 0}
+        if position >= len(self.folder):
+            return blank
+        label = self.folder.labels[position]
+        image = load_image(self.folder.paths[position])
+        if image is None:
+            return {**blank, 'label': label, 'skipped': 1}
+        return {'image': eval_transform(image, self.spec), 'label': label, 'mask': 1.0,
+                'skipped': 0}
+
+
+def _batches(make_batch, steps: range, num_workers: int) -> grain.IterDataset:
+    ds = grain.MapDataset.range(steps.start, steps.stop).map(make_batch)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                              prefetch_buffer_size=READ_THREADS))
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18 reads an absl flag when it starts workers (google/grain#1355), which
+            # fails in programs that, like ours, parse their arguments without absl.app.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds
+
+
+def train_dataset(folder: ImageFolder, *, global_batch_size: int, image_size: int,
+                  randaug_layers: int, randaug_magnitude: float, seed: int, stage: int = 0,
+                  process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                  min_scale: float = 0.08, flip: bool = True,
+                  start_step: int = 0) -> grain.IterDataset:
+    """Infinite stream of this process's local training batches, from global step `start_step`:
+    'image' uint8 [L, image_size, image_size, 3], 'label' int32 [L], 'skipped' int32 [L] (how
+    many unreadable images each element replaced), L = global_batch_size / process_count.
+
+    A function of its arguments only: `iter(ds)` with `set_state` of a saved iterator resumes
+    exactly, and so does a new dataset with `start_step` = the next global step."""
+    layout = _Layout(global_batch_size, process_index, process_count)
+    transform = functools.partial(
+        train_transform, image_size=image_size, min_scale=min_scale, flip=flip,
+        randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude)
+    make_batch = _TrainBatch(folder, layout, seed, stage, transform)
+    return _batches(make_batch, range(start_step, sys.maxsize), num_workers)
+
+
+def num_eval_batches(folder: ImageFolder, global_batch_size: int) -> int:
+    """Global eval batches covering every image once: ceil(N / global_batch_size)."""
+    return -(-len(folder) // global_batch_size)
+
+
+def eval_dataset(folder: ImageFolder, *, global_batch_size: int, spec: dict,
+                 process_index: int = 0, process_count: int = 1,
+                 num_workers: int = 0) -> grain.IterDataset:
+    """Every image exactly once, in folder order, as `num_eval_batches` local batches: 'image'
+    uint8 [L, size, size, 3] (`eval_transform` with `spec`), 'label' int32 [L], 'mask' float32
+    [L] (0 for padding and unreadable images), 'skipped' int32 [L] (1 where unreadable).
+    Re-iterable: each `iter()` starts from the first batch."""
+    layout = _Layout(global_batch_size, process_index, process_count)
+    steps = range(num_eval_batches(folder, global_batch_size))
+    return _batches(_EvalBatch(folder, layout, dict(spec)), steps, num_workers)

@@ -1,0 +1,86 @@
+"""What a run shows and leaves behind: a progress bar, metrics as JSON lines (optionally
+TensorBoard), and a PNG of the training curves. Only process 0 reports."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+METRICS_FILE = 'metrics.jsonl'
+PLOT_FILE = 'curves.png'
+
+
+class Reporter:
+    def __init__(self, workdir: str, total_steps: int, first_step: int, tensorboard: bool = False):
+        self.enabled = jax.process_index() == 0
+        self.workdir = Path(workdir)
+        self.bar = tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True,
+                        disable=not self.enabled, smoothing=0.1)
+        self.writer = None
+        if self.enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise SystemExit('--tensorboard needs `pip install tensorboardX`') from None
+            self.writer = SummaryWriter(str(self.workdir / 'tensorboard'))
+
+    def advance(self, steps: int, postfix: dict[str, str]):
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(steps)
+
+    def write(self, step: int, metrics: dict[str, float]):
+        """Appends one JSON line {'step', 'time', **metrics} (and TensorBoard scalars)."""
+        if not self.enabled:
+            return
+        with open(self.workdir / METRICS_FILE, 'a') as f:
+            f.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
+        if self.writer:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+
+    def print(self, line: str):
+        if self.enabled:
+            self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
+def plot_curves(workdir: str) -> Path | None:
+    """Draws train loss, learning rate and eval top-1 (raw and EMA) against step into
+    `workdir/curves.png`; returns its path (None if nothing was logged)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def series(name):
+        points = [(r['step'], r[name]) for r in rows if name in r]
+        return list(zip(*points)) if points else ([], [])
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(*series('train/loss'), label='train loss')
+    axes[0].plot(*series('eval/raw/loss'), 'o-', label='eval loss')
+    axes[1].plot(*series('train/lr'))
+    for name, label in (('eval/raw/top1', 'raw'), ('eval/ema/top1', 'EMA')):
+        axes[2].plot(*series(name), 'o-', label=label)
+    for ax, title in zip(axes, ('loss', 'learning rate', 'validation top-1')):
+        ax.set_title(title)
+        ax.set_xlabel('step')
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[2].legend()
+    fig.tight_layout()
+    out = Path(workdir) / PLOT_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,216 @@
+"""The train and eval steps and their state, jitted with explicit shardings over a device mesh.
+
+The batch is sharded over the mesh's `data` axis and the state is replicated; XLA partitions the
+step, so BatchNorm means and variances are over the global batch (an all-reduce), exactly as one
+device would compute them. `state_shardings` is the one place to change for an FSDP axis.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from effnetv2_jax import EfficientNetV2
+from effnetv2_jax.preprocess import normalize
+from train.config import TrainConfig
+
+DATA_AXIS = 'data'
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any  # equal to params (and never read) when EMA is off
+    ema_batch_stats: Any
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process, in process order (how
+    `jax.make_array_from_process_local_data` lays out process-local batches)."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def state_shardings(mesh: Mesh, state) -> Any:
+    """Replicated state; an FSDP variant would shard large kernels over a second axis here."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+
+
+def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Process-local numpy rows -> global arrays sharded over `data` (rows in process order)."""
+    sharding = data_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in local_batch.items()}
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warmup, then cosine to `final_lr_fraction` or staircase exponential decay."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    total = max(int(config.epochs * steps_per_epoch), warmup + 1)
+    if config.lr_schedule == 'cosine':
+        return optax.warmup_cosine_decay_schedule(
+                0.0, config.lr, warmup, total, end_value=config.lr * config.final_lr_fraction)
+    if config.lr_schedule == 'exponential':
+        decay = optax.exponential_decay(
+                config.lr, max(1, int(config.decay_epochs * steps_per_epoch)),
+                config.decay_rate, staircase=True)
+        if warmup == 0:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay],
+                                    [warmup])
+    raise ValueError(f"lr_schedule must be 'cosine' or 'exponential', got {config.lr_schedule!r}")
+
+
+def _is_head(path) -> bool:
+    return path[0].key == 'classifier'
+
+
+def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The configured optimizer; weight decay skips BN parameters and biases (rank < 2)."""
+    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim > 1)
+    if config.optimizer == 'adamw':
+        tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+    elif config.optimizer in ('rmsprop', 'sgd'):
+        if config.optimizer == 'rmsprop':
+            # TF's RMSProp as in the paper's code: epsilon inside the square root, momentum.
+            core = optax.rmsprop(schedule, decay=0.9, eps=1e-3, eps_in_sqrt=True,
+                                 momentum=config.momentum)
+        else:
+            core = optax.sgd(schedule, momentum=config.momentum)
+        # L2 added to the gradient, as TF's loss term and torch's SGD(weight_decay=) do.
+        tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), core)
+    else:
+        raise ValueError(f"optimizer must be 'rmsprop', 'sgd' or 'adamw', got "
+                         f'{config.optimizer!r}')
+    if config.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    if config.freeze_backbone:
+        labels = functools.partial(jax.tree_util.tree_map_with_path,
+                                   lambda path, _: 'head' if _is_head(path) else 'frozen')
+        tx = optax.multi_transform({'head': tx, 'frozen': optax.set_to_zero()}, labels)
+    return tx
+
+
+def create_state(model: EfficientNetV2, tx: optax.GradientTransformation, variables) -> TrainState:
+    """A fresh state from model variables `{'params', 'batch_stats'}`."""
+    params, batch_stats = variables['params'], variables['batch_stats']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), ema_params=params, ema_batch_stats=batch_stats)
+
+
+def _mix(key, images, targets, mixup_alpha: float, cutmix_alpha: float):
+    """Mixup or CutMix of the batch with its reverse (one of the two per batch when both are on).
+
+    images float32 [B, H, W, 3], targets float32 [B, C] -> same shapes.
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, targets
+    k_choice, k_mixup, k_cutmix, k_y, k_x = jax.random.split(key, 5)
+    reversed_images, reversed_targets = images[::-1], targets[::-1]
+    results = []
+    if mixup_alpha > 0:
+        lam = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha)
+        results.append((lam * images + (1 - lam) * reversed_images, lam))
+    if cutmix_alpha > 0:
+        lam = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha)
+        height, width = images.shape[1:3]
+        cut_h, cut_w = height * jnp.sqrt(1 - lam), width * jnp.sqrt(1 - lam)
+        center_y = jax.random.uniform(k_y, (), maxval=height)
+        center_x = jax.random.uniform(k_x, (), maxval=width)
+        rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+        inside = ((rows >= jnp.round(center_y - cut_h / 2)) & (rows < jnp.round(center_y + cut_h / 2))
+                  & (cols >= jnp.round(center_x - cut_w / 2))
+                  & (cols < jnp.round(center_x + cut_w / 2)))
+        lam = 1 - jnp.mean(inside)  # the area actually pasted
+        results.append((jnp.where(inside[None, :, :, None], reversed_images, images), lam))
+    if len(results) == 2:
+        use_cutmix = jax.random.bernoulli(k_choice)
+        (mixed_a, lam_a), (mixed_b, lam_b) = results
+        images, lam = jnp.where(use_cutmix, mixed_b, mixed_a), jnp.where(use_cutmix, lam_b, lam_a)
+    else:
+        images, lam = results[0]
+    return images, lam * targets + (1 - lam) * reversed_targets
+
+
+def train_step(state: TrainState, batch, *, model: EfficientNetV2, tx, schedule, spec: dict,
+               base_key, config: TrainConfig, mixup: float) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch {'image': uint8 [B, H, W, 3], 'label': int32 [B]}.
+
+    Randomness (mixing, dropout, drop path) is `fold_in(base_key, step)`: a resumed run draws
+    the same numbers as an uninterrupted one.
+    """
+    key = jax.random.fold_in(base_key, state.step)
+    k_mix, k_dropout, k_drop_path = jax.random.split(key, 3)
+    images = normalize(batch['image'], spec)
+    targets = jax.nn.one_hot(batch['label'], model.num_classes, dtype=jnp.float32)
+    images, targets = _mix(k_mix, images, targets, mixup, config.cutmix)
+    targets = optax.smooth_labels(targets, config.label_smoothing)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+                {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+                mutable=['batch_stats'], rngs={'dropout': k_dropout, 'drop_path': k_drop_path})
+        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    # A frozen backbone keeps its BN statistics too: its features must not drift.
+    batch_stats = state.batch_stats if config.freeze_backbone else updates['batch_stats']
+    ema_params, ema_batch_stats = params, batch_stats
+    if config.ema_decay > 0:
+        # TF's ExponentialMovingAverage(num_updates=step): short warm-up of the decay.
+        decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        average = lambda ema, new: decay * ema + (1 - decay) * new  # noqa: E731
+        ema_params = jax.tree.map(average, state.ema_params, params)
+        ema_batch_stats = jax.tree.map(average, state.ema_batch_stats, batch_stats)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state, ema_params=ema_params,
+                           ema_batch_stats=ema_batch_stats)
+    metrics = {'loss': loss, 'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model: EfficientNetV2, spec: dict,
+              with_ema: bool) -> dict:
+    """Sums over a padded global batch {'image', 'label', 'mask': float32 [B]} for the raw (and
+    EMA) weights: {'raw/loss', 'raw/top1', 'raw/top5', ['ema/...'], 'count'} (float32)."""
+    images, labels, mask = normalize(batch['image'], spec), batch['label'], batch['mask']
+    sums = {'count': jnp.sum(mask)}
+    weights = [('raw', state.params, state.batch_stats)]
+    if with_ema:
+        weights.append(('ema', state.ema_params, state.ema_batch_stats))
+    for name, params, batch_stats in weights:
+        logits = model.apply({'params': params, 'batch_stats': batch_stats}, images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        sums[f'{name}/loss'] = jnp.sum(loss * mask)
+        sums[f'{name}/top1'] = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+        sums[f'{name}/top5'] = jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask)
+    return sums
+
+
+def jit_train_step(mesh: Mesh, state_sharding, **static) -> Callable:
+    """`train_step` jitted for the mesh: state replicated and donated, batch over `data`."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(functools.partial(train_step, **static),
+                   in_shardings=(state_sharding, data_sharding(mesh)),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def jit_eval_step(mesh: Mesh, state_sharding, **static) -> Callable:
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(functools.partial(eval_step, **static),
+                   in_shardings=(state_sharding, data_sharding(mesh)), out_shardings=replicated)
