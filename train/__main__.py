@@ -57,8 +57,10 @@ def main(argv=None) -> int:
     import jax
     if jax.process_index() == 0:
         rate = summary['images_per_second']
-        print(f'done: best val top-1 {summary["best_top1"]:.2%} ({summary["best_weights"]} '
-              f'weights, step {summary["best_step"]}) in {summary["seconds"]:.0f} s'
+        final = (f'val top-1 {summary["final_top1"]:.2%} ({summary["saved_weights"]} weights; '
+                 f'best {summary["best_top1"]:.2%} at step {summary["best_step"]})'
+                 if summary['final'] else 'no validation set')
+        print(f'done: {summary["steps"]} steps in {summary["seconds"]:.0f} s, {final}'
               + (f', {rate:.0f} img/s' if rate else '')
               + (f', {summary["skipped_images"]} unreadable images skipped'
                  if summary['skipped_images'] else '')

@@ -124,6 +124,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     tx = trainer.make_optimizer(config, schedule)
 
     mesh = trainer.make_mesh()
+    if config.batch_size % jax.device_count():
+        raise input_pipeline.DataError(f'--batch-size {config.batch_size} is not a multiple of '
+                                       f'the {jax.device_count()} devices')
     create = functools.partial(trainer.create_state, model, tx)
     abstract_variables = jax.eval_shape(
             functools.partial(model.init, train=False), jax.random.key(0),
@@ -249,12 +252,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     if final_eval is None and eval_data is not None:
         final_eval = run_eval(step)
 
-    weights = _save_weights(config, workdir, model, state, best['weights'], spec,
-                            train_folder.class_names)
+    saved = ('ema' if final_eval and config.ema_decay > 0
+             and final_eval['ema/top1'] > final_eval['raw/top1'] else 'raw')
+    weights = _save_weights(config, workdir, model, state, saved, spec, train_folder.class_names)
     plot = plot_curves(workdir) if jax.process_index() == 0 else None
     summary = {
             'best_top1': best['top1'], 'best_weights': best['weights'], 'best_step': best['step'],
-            'final': final_eval, 'steps': step, 'seconds': time.time() - started,
+            'final': final_eval, 'saved_weights': saved,
+            'final_top1': final_eval[f'{saved}/top1'] if final_eval else None,
+            'steps': step, 'seconds': time.time() - started,
             'images_per_second': images_seen / train_seconds if train_seconds else None,
             'skipped_images': skipped_train, 'weights': str(weights), 'plot': str(plot)}
     reporter.write(step, {'summary': summary})
@@ -262,7 +268,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 
 
 def _save_weights(config, workdir, model, state, which, spec, class_names) -> Path:
-    """Writes the raw or EMA weights (whichever validated best) for `python -m convert`,
+    """Writes the final raw or EMA weights (`which`) for `python -m convert`,
     `effnetv2_jax.load` and `--eval-only`."""
     params, batch_stats = ((state.ema_params, state.ema_batch_stats) if which == 'ema'
                            else (state.params, state.batch_stats))

@@ -17,6 +17,8 @@ class Reporter:
     def __init__(self, workdir: str, total_steps: int, first_step: int, tensorboard: bool = False):
         self.enabled = jax.process_index() == 0
         self.workdir = Path(workdir)
+        if self.enabled:
+            self._forget_after(first_step)
         self.bar = tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True,
                         disable=not self.enabled, smoothing=0.1)
         self.writer = None
@@ -26,6 +28,13 @@ class Reporter:
             except ImportError:
                 raise SystemExit('--tensorboard needs `pip install tensorboardX`') from None
             self.writer = SummaryWriter(str(self.workdir / 'tensorboard'))
+
+    def _forget_after(self, step: int):
+        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        path = self.workdir / METRICS_FILE
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text(''.join(line for line in lines if json.loads(line)['step'] <= step))
 
     def advance(self, steps: int, postfix: dict[str, str]):
         self.bar.set_postfix(postfix, refresh=False)
