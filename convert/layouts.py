@@ -13,6 +13,7 @@ import numpy as np
 
 from effnetv2_jax.configs import VARIANTS, Variant
 from effnetv2_jax.model import create_model
+from effnetv2_jax.preprocess import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
 LAYOUTS = ('seed', 'torchvision', 'timm')
 
@@ -22,8 +23,6 @@ SIGNATURE_KEYS = {'seed': 'stem.conv.weight', 'torchvision': 'features.0.0.weigh
 CLASSIFIER_KEYS = {'seed': 'head.classifier.weight', 'torchvision': 'classifier.1.weight',
                    'timm': 'classifier.weight'}
 
-_IMAGENET = {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}
-_HALF = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
 _TIMM_B_CROP_PCT = {'b0': 0.875, 'b1': 0.882, 'b2': 0.890, 'b3': 0.904}
 
 
@@ -173,14 +172,14 @@ def preprocessing(layout: str, variant: Variant, padding: str) -> dict:
     if layout == 'timm':
         if name in _TIMM_B_CROP_PCT:
             return {'size': variant.eval_size, 'resize': 'shorter', 'crop_pct':
-                    _TIMM_B_CROP_PCT[name], 'interpolation': 'bicubic', **_IMAGENET}
+                    _TIMM_B_CROP_PCT[name], 'interpolation': 'bicubic', **IMAGENET_NORMALISATION}
         return {'size': variant.eval_size, 'resize': 'squash', 'crop_pct': 1.0,
-                'interpolation': 'bicubic', **_HALF}
+                'interpolation': 'bicubic', **HALF_NORMALISATION}
     if layout == 'torchvision':
         if name == 'l':
             return {'size': 480, 'resize': 'shorter', 'crop_pct': 1.0,
-                    'interpolation': 'bicubic', **_HALF}
+                    'interpolation': 'bicubic', **HALF_NORMALISATION}
         return {'size': variant.eval_size, 'resize': 'shorter', 'crop_pct': 1.0,
-                'interpolation': 'bilinear', **_IMAGENET}
+                'interpolation': 'bilinear', **IMAGENET_NORMALISATION}
     return {'size': variant.eval_size, 'resize': 'shorter', 'crop_pct': 1.0,
-            'interpolation': 'bilinear', **_HALF}
+            'interpolation': 'bilinear', **HALF_NORMALISATION}

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The two normalisations of the weights in circulation (REFERENCE.md): ImageNet statistics, and
+# mean = std = 0.5 (the seed, TF-trained weights). Lists, so that they serialise as metadata.
+IMAGENET_NORMALISATION = {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}
+HALF_NORMALISATION = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
 
 RESAMPLING = {
     'bilinear': Image.Resampling.BILINEAR,

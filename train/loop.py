@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 import effnetv2_jax
 from effnetv2_jax.checkpoint import build_model, read
+from effnetv2_jax.preprocess import HALF_NORMALISATION
 from train import input_pipeline, trainer
 from train.checkpoints import Checkpoints
 from train.config import TrainConfig
@@ -26,7 +27,6 @@ from train.progressive import make_stages, stage_at
 from train.report import Reporter, plot_curves
 
 WEIGHTS_FILE = 'model.msgpack'  # the final weights, in `python -m convert`'s format
-_HALF = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}  # the seed's normalisation
 
 
 class Preempted(Exception):
@@ -47,7 +47,7 @@ def _data_dir(config: TrainConfig) -> str:
 def _eval_spec(config: TrainConfig, variant, init_metadata: dict | None) -> dict:
     """Eval transform: resize the short side and center-crop; normalisation of the init weights
     (their source's), else the seed's mean = std = 0.5."""
-    normalisation = (init_metadata or {}).get('preprocessing') or _HALF
+    normalisation = (init_metadata or {}).get('preprocessing') or HALF_NORMALISATION
     return {'size': config.eval_image_size or variant.eval_size, 'resize': 'shorter',
             'crop_pct': 1.0, 'interpolation': 'bicubic',
             'mean': list(normalisation['mean']), 'std': list(normalisation['std'])}

@@ -129,7 +129,8 @@ def _mix(key, images, targets, mixup_alpha: float, cutmix_alpha: float):
         center_y = jax.random.uniform(k_y, (), maxval=height)
         center_x = jax.random.uniform(k_x, (), maxval=width)
         rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
-        inside = ((rows >= jnp.round(center_y - cut_h / 2)) & (rows < jnp.round(center_y + cut_h / 2))
+        inside = ((rows >= jnp.round(center_y - cut_h / 2))
+                  & (rows < jnp.round(center_y + cut_h / 2))
                   & (cols >= jnp.round(center_x - cut_w / 2))
                   & (cols < jnp.round(center_x + cut_w / 2)))
         lam = 1 - jnp.mean(inside)  # the area actually pasted
@@ -179,7 +180,7 @@ def train_step(state: TrainState, batch, *, model: EfficientNetV2, tx, schedule,
                            opt_state=opt_state, ema_params=ema_params,
                            ema_batch_stats=ema_batch_stats)
     metrics = {'loss': loss, 'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-               'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+               'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
     return new_state, metrics
 
 
