@@ -30,8 +30,10 @@ section "3/5  PyTorch (the seed's model.py architecture) on the held-out test di
 section "4/5  python -m convert $WORK/model_seed.pth --verify   (back to Flax)"
 "$PY" -m convert "$WORK/model_seed.pth" -o "$WORK/converted.msgpack" --verify --verify-size 32
 
+# A .pth carries no metadata: the converted file has the seed's defaults (B0: 224 px), so the
+# digits' 32 px is given here.
 section "5/5  python -m train --eval-only --init converted.msgpack on the held-out test digits"
 "$PY" -m train --eval-only --init "$WORK/converted.msgpack" --data-dir "$WORK/digits/test" \
-    | head -1
+    --eval-image-size 32
 
 printf '\ntour done in %d s; curves: %s/curves.png\n' $((SECONDS - START)) "$WORK"

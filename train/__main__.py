@@ -21,8 +21,10 @@ def init_distributed(config):
     if not (manual or config.distributed == 'on'
             or (config.distributed == 'auto' and _cluster_detected())):
         return
-    # CPU collectives across processes (harmless on GPU/TPU, whose collectives are native).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    try:  # CPU collectives across processes (GPUs and TPUs bring their own)
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    except AttributeError:  # a JAX that no longer has the option has a default that works
+        pass
     if manual:
         jax.distributed.initialize(config.coordinator_address, config.num_processes,
                                    config.process_id)

@@ -34,7 +34,8 @@ class TrainConfig:
     num_stages: int = 3
     min_image_size: int = 24
     image_size: int = 32  # size of the last stage (0: the variant's train size)
-    eval_image_size: int = 32  # (0: the variant's eval size)
+    # 0: the variant's eval size (with --eval-only: the size the weights' metadata gives)
+    eval_image_size: int = 0
     min_scale: float = 0.7  # random-resized-crop area lower bound (a digit cut to 35% is ambiguous)
     flip: bool = False  # horizontal flips (off for digits, on for natural images)
     randaug_layers: int = 2
@@ -93,7 +94,7 @@ def _imagenet(variant, randaug, mixup, dropout, epochs=350, batch_size=4096) -> 
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-        'digits': {},
+        'digits': {'eval_image_size': 32},
         'imagenet-s': _imagenet('s', randaug=10, mixup=0, dropout=0.2),
         'imagenet-m': _imagenet('m', randaug=15, mixup=0.2, dropout=0.3),
         'imagenet-l': _imagenet('l', randaug=20, mixup=0.5, dropout=0.4),
@@ -126,7 +127,7 @@ def parse_args(argv=None) -> TrainConfig:
             prog='python -m train',
             description='Train or fine-tune EfficientNetV2 on an image folder (default: '
                         'scikit-learn digits). Flags override the preset.')
-    parser.add_argument('--preset', choices=sorted(PRESETS), default='digits')
+    parser.add_argument('--preset', choices=sorted(PRESETS), help='default: digits')
     for field in dataclasses.fields(TrainConfig):
         flag = '--' + field.name.replace('_', '-')
         if str(field.type) == 'bool':
@@ -135,7 +136,10 @@ def parse_args(argv=None) -> TrainConfig:
                                 default=None, metavar='BOOL')
         else:
             parser.add_argument(flag, type=_flag_type(field), default=None)
+    parser.set_defaults(preset=None)
     args = vars(parser.parse_args(argv))
-    preset = PRESETS[args.pop('preset')]
+    name = args.pop('preset')
+    # --eval-only follows the weights' own metadata unless a preset is asked for by name.
+    preset = PRESETS[name or 'digits'] if name or not args['eval_only'] else {}
     overrides = {k: v for k, v in args.items() if v is not None}
     return dataclasses.replace(TrainConfig(), **{**preset, **overrides})

@@ -306,6 +306,8 @@ def evaluate_checkpoint(config: TrainConfig) -> dict:
             tuple(names))
     model = build_model(metadata, dtype=jnp.dtype(config.dtype))
     spec = metadata.get('preprocessing') or _eval_spec(config, model.variant, None)
+    if config.eval_image_size:
+        spec = {**spec, 'size': config.eval_image_size}
     mesh = trainer.make_mesh()
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                                batch_stats=variables['batch_stats'], opt_state=(),
