@@ -53,6 +53,13 @@ def _eval_spec(config: TrainConfig, variant, init_metadata: dict | None) -> dict
             'mean': list(normalisation['mean']), 'std': list(normalisation['std'])}
 
 
+def _read_init(path: str) -> tuple[dict, dict]:
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:
+        raise input_pipeline.DataError(f'cannot read --init {path}: {e}') from None
+
+
 def _model_and_variables(config: TrainConfig, num_classes: int):
     """(model, numpy variables or None, init metadata or None); a checkpoint of another class
     count keeps everything but the classifier, which is initialised afresh."""
@@ -61,10 +68,7 @@ def _model_and_variables(config: TrainConfig, num_classes: int):
                      remat=config.remat)
     if not config.init:
         return effnetv2_jax.create_model(config.variant, **overrides), None, None
-    try:
-        variables, metadata = read(config.init)
-    except (OSError, ValueError) as e:
-        raise input_pipeline.DataError(f'cannot read --init {config.init}: {e}') from None
+    variables, metadata = _read_init(config.init)
     model = build_model(metadata, **overrides)
     if metadata['num_classes'] != num_classes:
         fresh = _init_variables(model, config.seed)
@@ -291,10 +295,7 @@ def evaluate_checkpoint(config: TrainConfig) -> dict:
     data_dir = Path(_data_dir(config))
     folder = input_pipeline.scan_image_folder(
             data_dir / 'val' if (data_dir / 'val').is_dir() else data_dir)
-    try:
-        variables, metadata = read(config.init)
-    except (OSError, ValueError) as e:
-        raise input_pipeline.DataError(f'cannot read --init {config.init}: {e}') from None
+    variables, metadata = _read_init(config.init)
     names = metadata.get('class_names') or [str(i) for i in range(metadata['num_classes'])]
     unknown = sorted(set(folder.class_names) - set(names))
     if unknown:
