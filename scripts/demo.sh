@@ -5,17 +5,10 @@
 # About 1.5 minutes on 2 CPU cores once .venv is set up.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
-cd "$ROOT"
-PY="$ROOT/.venv/bin/python"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-START=$SECONDS
-
-section() { printf '\n=== %s ===\n' "$*"; }
 
 section "1/4  PyTorch checkpoints with random weights (seed model.py, torchvision, timm)"
 "$PY" - "$WORK" <<'PYEOF'

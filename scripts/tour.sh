@@ -8,15 +8,8 @@
 # About 5 minutes on 2 CPU cores once .venv is set up. Usage: bash scripts/tour.sh [WORKDIR]
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
-cd "$ROOT"
-PY="$ROOT/.venv/bin/python"
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 WORK="${1:-runs/tour}"
-START=$SECONDS
-
-section() { printf '\n=== %s ===\n' "$*"; }
 
 section "1/5  python -m train --workdir $WORK   (digits, B0, progressive 26 -> 32 px)"
 "$PY" -m train --workdir "$WORK"
