@@ -81,7 +81,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
     metadata = {
         'variant': var.name, 'num_classes': num_classes, 'padding': padding,
         'bn_eps': DEFAULT_BN_EPS if bn_eps is None else float(bn_eps), 'source_layout': layout,
-        'preprocessing': layouts.preprocessing(layout, var, padding),
+        'preprocessing': layouts.preprocessing(layout, var, padding, num_classes),
     }
     return variables, metadata
 

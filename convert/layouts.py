@@ -13,7 +13,7 @@ import numpy as np
 
 from effnetv2_jax.configs import VARIANTS, Variant
 from effnetv2_jax.model import create_model
-from effnetv2_jax.preprocess import HALF_NORMALISATION, IMAGENET_NORMALISATION
+from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
 LAYOUTS = ('seed', 'torchvision', 'timm')
 
@@ -23,7 +23,8 @@ SIGNATURE_KEYS = {'seed': 'stem.conv.weight', 'torchvision': 'features.0.0.weigh
 CLASSIFIER_KEYS = {'seed': 'head.classifier.weight', 'torchvision': 'classifier.1.weight',
                    'timm': 'classifier.weight'}
 
-_TIMM_B_CROP_PCT = {'b0': 0.875, 'b1': 0.882, 'b2': 0.890, 'b3': 0.904}
+_TIMM_B_CROP_PCT = {'b0': 0.875, 'b1': 0.882, 'b2': 0.890}
+_TIMM_SYMMETRIC_SIZE = {'m': 416}  # timm's test size for efficientnetv2_m; else the eval size
 
 
 class Entry(NamedTuple):
@@ -162,24 +163,35 @@ def candidate_variants(keys, layout: str, num_classes: int) -> list[Variant]:
             if {e.torch_key for e in entries(v, layout, num_classes > 0)} == keys]
 
 
-def preprocessing(layout: str, variant: Variant, padding: str) -> dict:
-    """The eval transform the source weights expect (REFERENCE.md, 'Image sizes and ...').
+def preprocessing(layout: str, variant: Variant, padding: str, num_classes: int = 1000) -> dict:
+    """The eval transform the source weights expect: torchvision's `Weights.transforms()`, timm's
+    pretrained config of the model's default tag (`resolve_data_config(use_test_size=True)`),
+    the seed's predict.py. tests/test_predict.py checks these against torchvision and timm.
 
     'resize': 'shorter' scales the short side to size / crop_pct then center-crops `size`;
     'squash' scales both sides to size / crop_pct, ignoring aspect, then center-crops.
     """
     name = variant.name
-    if layout == 'timm':
+    if layout == 'timm' and padding == 'symmetric':  # efficientnetv2_*: timm's generic config
+        size = _TIMM_SYMMETRIC_SIZE.get(name, variant.eval_size)
+        return _spec(size, 'shorter', 1.0, 'bicubic', IMAGENET_NORMALISATION)
+    if layout == 'timm':  # tf_efficientnetv2_*
+        if name == 'b3':  # B3's default tag is in21k_ft_in1k; 21843 classes: the in21k tag
+            if num_classes == 21843:
+                return _spec(300, 'shorter', 0.904, 'bicubic', HALF_NORMALISATION)
+            return _spec(300, 'squash', 0.9, 'bicubic', HALF_NORMALISATION)
         if name in _TIMM_B_CROP_PCT:
-            return {'size': variant.eval_size, 'resize': 'shorter', 'crop_pct':
-                    _TIMM_B_CROP_PCT[name], 'interpolation': 'bicubic', **IMAGENET_NORMALISATION}
-        return {'size': variant.eval_size, 'resize': 'squash', 'crop_pct': 1.0,
-                'interpolation': 'bicubic', **HALF_NORMALISATION}
+            return _spec(variant.eval_size, 'shorter', _TIMM_B_CROP_PCT[name], 'bicubic',
+                         IMAGENET_NORMALISATION)
+        return _spec(variant.eval_size, 'shorter' if name == 's' else 'squash', 1.0, 'bicubic',
+                     HALF_NORMALISATION)
     if layout == 'torchvision':
         if name == 'l':
-            return {'size': 480, 'resize': 'shorter', 'crop_pct': 1.0,
-                    'interpolation': 'bicubic', **HALF_NORMALISATION}
-        return {'size': variant.eval_size, 'resize': 'shorter', 'crop_pct': 1.0,
-                'interpolation': 'bilinear', **IMAGENET_NORMALISATION}
-    return {'size': variant.eval_size, 'resize': 'shorter', 'crop_pct': 1.0,
-            'interpolation': 'bilinear', **HALF_NORMALISATION}
+            return _spec(480, 'shorter', 1.0, 'bicubic', HALF_NORMALISATION)
+        return _spec(variant.eval_size, 'shorter', 1.0, 'bilinear', IMAGENET_NORMALISATION)
+    return _spec(variant.eval_size, 'shorter', 1.0, 'bilinear', HALF_NORMALISATION)
+
+
+def _spec(size: int, resize: str, crop_pct: float, interpolation: str, normalisation) -> dict:
+    return {'size': size, 'resize': resize, 'crop_pct': crop_pct, 'interpolation': interpolation,
+            **normalisation}

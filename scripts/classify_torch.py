@@ -10,7 +10,7 @@ from PIL import Image
 
 from convert.torch_reference import create
 from effnetv2_jax.checkpoint import read
-from effnetv2_jax.preprocess import eval_transform, normalize
+from effnetv2_jax.transforms import eval_transform, normalize
 from train.input_pipeline import scan_image_folder
 
 

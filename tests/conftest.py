@@ -25,20 +25,40 @@ def convert(torch_model: torch.nn.Module, directory, *flags: str, name: str = 'c
     return effnetv2_jax.checkpoint.build_model(metadata), variables, metadata
 
 
-def real_photos(size: int) -> np.ndarray:
-    """scikit-image's sample photos (cat, coffee, astronaut, rocket), center-cropped to a square,
-    resized to `size` and normalised with mean = std = 0.5: (4, size, size, 3) float32."""
-    from PIL import Image
+PHOTO_NAMES = ('chelsea', 'coffee', 'astronaut', 'rocket')
+
+
+def photos() -> list[np.ndarray]:
+    """scikit-image's sample photos (a cat, coffee, an astronaut, a rocket): uint8 [H, W, 3] of
+    different sizes and aspect ratios, portrait and landscape."""
     from skimage import data
-    photos = []
-    for image in (data.chelsea(), data.coffee(), data.astronaut(), data.rocket()):
-        h, w = image.shape[:2]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        crop = Image.fromarray(image[top:top + side, left:left + side])
-        resized = np.asarray(crop.resize((size, size), Image.BILINEAR), np.float32) / 255.0
-        photos.append((resized - 0.5) / 0.5)
-    return np.stack(photos)
+    return [getattr(data, name)() for name in PHOTO_NAMES]
+
+
+def torchvision_transform(variant: str):
+    """torchvision's own eval transform of its ImageNet weights (no download needed)."""
+    weights = getattr(torchvision.models, f'EfficientNet_V2_{variant.upper()}_Weights')
+    return weights.IMAGENET1K_V1.transforms()
+
+
+def timm_transform(model_name: str):
+    """timm's eval transform of the model's default pretrained tag, at its test size."""
+    model = timm.create_model(model_name, pretrained=False)
+    config = timm.data.resolve_data_config({}, model=model, use_test_size=True)
+    return timm.data.create_transform(**config)
+
+
+def seed_transform(size: int):
+    """The seed's predict.py: resize the short side (bilinear), center crop, mean = std = 0.5."""
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
+
+
+def torch_preprocess(transform, images) -> np.ndarray:
+    """A torchvision/timm transform on uint8 [H, W, 3] arrays: float32 [N, size, size, 3]."""
+    from PIL import Image
+    return np.stack([transform(Image.fromarray(i)).numpy().transpose(1, 2, 0) for i in images])
 
 
 LOGIT_RTOL = 1e-5

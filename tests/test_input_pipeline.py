@@ -17,7 +17,7 @@ import torchvision.transforms as T
 from PIL import Image
 from skimage import data
 
-from effnetv2_jax.preprocess import eval_transform, normalize
+from effnetv2_jax.transforms import eval_transform, normalize
 from train import input_pipeline as ip
 from train.digits import materialize_digits
 from train.randaugment import OPS, rand_augment

@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from effnetv2_jax.preprocess import eval_transform, to_rgb
+from effnetv2_jax.transforms import eval_transform, to_rgb
 from train.randaugment import rand_augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 import effnetv2_jax
 from effnetv2_jax.checkpoint import build_model, read
-from effnetv2_jax.preprocess import HALF_NORMALISATION
+from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
 from train.checkpoints import Checkpoints
 from train.config import TrainConfig

@@ -17,7 +17,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from effnetv2_jax import EfficientNetV2
-from effnetv2_jax.preprocess import normalize
+from effnetv2_jax.transforms import normalize
 from train.config import TrainConfig
 
 DATA_AXIS = 'data'

@@ -1,0 +1,84 @@
+"""`python -m effnetv2_jax.predict IMAGE... --weights W [--top-k 5] [--json]`: top-k classes of
+images, through the eval transform the weights' source expects (`Predictor`).
+
+Exit status: 0 done, 2 bad input (unreadable image or weights, bad flag: one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from effnetv2_jax.predictor import Predictor
+from effnetv2_jax.transforms import RESAMPLING
+
+EXAMPLES = """examples:
+  python -m effnetv2_jax.predict cat.jpg --weights efficientnetv2_s.msgpack
+  python -m effnetv2_jax.predict photos/*.jpg --weights flowers.msgpack --labels class_indices.json
+  python -m effnetv2_jax.predict cat.jpg --weights s.msgpack --size 320 --json
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog='python -m effnetv2_jax.predict', epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Classify images with EfficientNetV2 weights, through the eval transform '
+                    'their source expects (stored in the weights file; flags override it).')
+    p.add_argument('images', nargs='+', type=Path, metavar='IMAGE', help='image files')
+    p.add_argument('--weights', required=True, type=Path,
+                   help='a file written by python -m convert, python -m train or effnetv2_jax.save')
+    p.add_argument('--top-k', type=int, default=5, help='classes per image (default 5)')
+    p.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    p.add_argument('--labels', type=Path, help='class names: one per line, or JSON (a list or '
+                   '{"0": "daisy", ...}); default: the weights\' own, else ImageNet\'s for 1000')
+    p.add_argument('--batch-size', type=int, default=32, help='images per forward (default 32)')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    spec = p.add_argument_group('eval transform overrides (default: the weights\' metadata)')
+    spec.add_argument('--size', type=int, help='crop size')
+    spec.add_argument('--resize', choices=('shorter', 'squash'))
+    spec.add_argument('--crop-pct', type=float, help='resize to size / crop_pct, then crop')
+    spec.add_argument('--interpolation', choices=sorted(RESAMPLING))
+    spec.add_argument('--mean', type=float, nargs=3, metavar=('R', 'G', 'B'))
+    spec.add_argument('--std', type=float, nargs=3, metavar=('R', 'G', 'B'))
+    args = p.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        p.error('--top-k and --batch-size must be at least 1')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ('size', 'resize', 'crop_pct', 'interpolation',
+                                               'mean', 'std') if getattr(args, k) is not None}
+    try:
+        predictor = Predictor(args.weights, preprocessing=overrides, labels=args.labels,
+                              batch_size=args.batch_size, dtype=jnp.dtype(args.dtype))
+    except (OSError, ValueError, KeyError) as e:
+        torch_suffix = args.weights.suffix in ('.pth', '.pt', '.bin', '.safetensors')
+        hint = f' (convert PyTorch weights first: python -m convert {args.weights})'
+        print(f'error: {e}{hint if torch_suffix else ""}', file=sys.stderr)
+        return 2
+    try:
+        results = predictor.predict(args.images, min(args.top_k, len(predictor.labels)),
+                                    progress=len(args.images) > args.batch_size)
+    except ValueError as e:  # an unreadable image
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{'image': str(path), 'predictions': [p._asdict() for p in top]}
+                          for path, top in zip(args.images, results)], indent=2))
+        return 0
+    width = max(len(p.label) for top in results for p in top)
+    for path, top in zip(args.images, results):
+        print(path)
+        for rank, p in enumerate(top, 1):
+            print(f'  {rank}. {p.label:<{width}}  {100 * p.probability:6.2f} %  (class {p.index})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Eval-time image preprocessing that reproduces the transform each weights source expects.
+
+`spec` is the `metadata['preprocessing']` dict of a converted checkpoint: `size`, `resize`
+('shorter' | 'squash'), `crop_pct`, `interpolation` ('bilinear' | 'bicubic' | 'nearest'),
+`mean`, `std`. Only numpy and PIL are needed, so data-loading processes stay light.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+# The two normalisations of the weights in circulation (REFERENCE.md): ImageNet statistics, and
+# mean = std = 0.5 (the seed, TF-trained weights). Lists, so that they serialise as metadata.
+IMAGENET_NORMALISATION = {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}
+HALF_NORMALISATION = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
+
+# What `preprocess` accepts as one image: a PIL image, a uint8 array [H, W, 3] or [H, W], or a path.
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+
+SPEC_KEYS = ('size', 'resize', 'crop_pct', 'interpolation', 'mean', 'std')
+
+RESAMPLING = {
+    'bilinear': Image.Resampling.BILINEAR,
+    'bicubic': Image.Resampling.BICUBIC,
+    'nearest': Image.Resampling.NEAREST,
+}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 'RGB' (grayscale, palette, RGBA, CMYK ... converted; alpha dropped)."""
+    if image.mode == 'RGB':
+        return image
+    if image.mode == 'P' and 'transparency' in image.info:
+        # Going through RGBA avoids PIL's warning about palette transparency; alpha is dropped
+        # either way, as torchvision's and timm's loaders do.
+        image = image.convert('RGBA')
+    return image.convert('RGB')
+
+
+def resize_size(spec: dict[str, Any]) -> int:
+    """The side that `eval_transform` resizes to before center-cropping `spec['size']`."""
+    if not 0 < spec['crop_pct'] <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {spec['crop_pct']}")
+    return int(spec['size'] / spec['crop_pct'])  # timm's math.floor
+
+
+def eval_transform(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
+    """Resize + center crop as torchvision `Resize(int)` + `CenterCrop` ('shorter') or timm's
+    crop_mode 'squash': uint8 [size, size, 3]."""
+    image = to_rgb(image)
+    size, scale = spec['size'], resize_size(spec)
+    w, h = image.size
+    if spec['resize'] == 'shorter':
+        # torchvision truncates the long side: int(short_target * long / short).
+        if w <= h:
+            new_w, new_h = scale, int(scale * h / w)
+        else:
+            new_w, new_h = int(scale * w / h), scale
+    elif spec['resize'] == 'squash':
+        new_w = new_h = scale
+    else:
+        raise ValueError(f"unknown resize mode {spec['resize']!r}")
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), RESAMPLING[spec['interpolation']])
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def normalize(images, spec: dict[str, Any]):
+    """uint8 [..., 3] -> float32 (x / 255 - mean) / std, in the input's array namespace (numpy, or
+    jax and traceable under jit)."""
+    mean = np.asarray(spec['mean'], np.float32)
+    std = np.asarray(spec['std'], np.float32)
+    return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def open_image(image: ImageLike) -> Image.Image:
+    """A PIL image from an `ImageLike`; ValueError with a one-line reason if it is unusable."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()  # decode now, so that a truncated file fails here
+                return opened
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f'cannot read image {os.fspath(image)}: {e}') from None
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError('an image array must be uint8 [H, W], [H, W, 1|3|4]; got '
+                         f'{array.dtype} {list(array.shape)}')
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """One image or a sequence of them as a list; a uint8 array [N, H, W, C] is N images."""
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Sequence) and not isinstance(images, str):
+        return list(images)
+    return [images]
+
+
+def eval_crops(images: ImageLike | Sequence[ImageLike], spec: dict[str, Any]) -> np.ndarray:
+    """`eval_transform` of one image or a sequence of them: uint8 [N, size, size, 3]."""
+    return np.stack([eval_transform(open_image(i), spec) for i in as_image_list(images)])
+
+
+def preprocess(images: ImageLike | Sequence[ImageLike], spec: dict[str, Any]) -> np.ndarray:
+    """The whole eval transform of `spec` (resize, center crop, normalise) on one image or a
+    sequence of them: float32 [N, size, size, 3], NHWC as the model takes it."""
+    return normalize(eval_crops(images, spec), spec)
+
+
+def check_spec(spec: dict[str, Any]) -> None:
+    """ValueError with a one-line reason unless `spec` is a complete, valid transform spec."""
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f'the preprocessing spec lacks {missing} (the weights file carries no '
+                         'eval transform: give it explicitly)')
+    if not (isinstance(spec['size'], int) and spec['size'] > 0):
+        raise ValueError(f"size must be a positive integer, got {spec['size']!r}")
+    if spec['resize'] not in ('shorter', 'squash'):
+        raise ValueError(f"resize must be 'shorter' or 'squash', got {spec['resize']!r}")
+    if spec['interpolation'] not in RESAMPLING:
+        raise ValueError(f'interpolation must be one of {sorted(RESAMPLING)}, '
+                         f"got {spec['interpolation']!r}")
+    resize_size(spec)
+    for key in ('mean', 'std'):
+        if len(spec[key]) != 3:
+            raise ValueError(f'{key} must have 3 values (R, G, B), got {spec[key]!r}')
