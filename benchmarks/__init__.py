@@ -1,0 +1,1 @@
+"""Measurements that go into the README; run from the repository root (`python -m benchmarks.X`)."""
