@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from tqdm import tqdm
 
 from effnetv2_jax.cache import enable_compilation_cache
@@ -46,10 +46,14 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     text = path.read_text('utf-8')
     if path.suffix != '.json':
         return [line.strip() for line in text.strip('\n').splitlines()]
-    content = json.loads(text)
-    if isinstance(content, dict):
-        content = [content[str(i)] for i in range(len(content))]
-    return [name[-1] if isinstance(name, list) else str(name) for name in content]
+    try:
+        content = json.loads(text)
+        if isinstance(content, dict):
+            content = [content[str(i)] for i in range(len(content))]
+        return [name[-1] if isinstance(name, list) else str(name) for name in content]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'cannot read labels {path}: expected a list or {{"0": name, ...}} '
+                         f'({type(e).__name__}: {e})') from None
 
 
 class Predictor:

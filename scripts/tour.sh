@@ -4,29 +4,35 @@
 #   2. export the weights to a PyTorch checkpoint in the seed's model.py layout;
 #   3. classify the held-out test digits with that PyTorch model;
 #   4. convert it back to Flax with --verify (PyTorch vs Flax logits);
-#   5. classify the held-out test digits with the converted Flax weights.
+#   5. classify the held-out test digits with the converted Flax weights;
+#   6. predict three of them with python -m effnetv2_jax.predict (the trained file's labels and
+#      eval transform).
 # About 5 minutes on 2 CPU cores once .venv is set up. Usage: bash scripts/tour.sh [WORKDIR]
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 WORK="${1:-runs/tour}"
 
-section "1/5  python -m train --workdir $WORK   (digits, B0, progressive 26 -> 32 px)"
+section "1/6  python -m train --workdir $WORK   (digits, B0, progressive 26 -> 32 px)"
 "$PY" -m train --workdir "$WORK"
 
-section "2/5  python -m convert --to-torch $WORK/model.msgpack --layout seed"
+section "2/6  python -m convert --to-torch $WORK/model.msgpack --layout seed"
 "$PY" -m convert --to-torch "$WORK/model.msgpack" --layout seed -o "$WORK/model_seed.pth"
 
-section "3/5  PyTorch (the seed's model.py architecture) on the held-out test digits"
+section "3/6  PyTorch (the seed's model.py architecture) on the held-out test digits"
 "$PY" scripts/classify_torch.py "$WORK/model_seed.pth" "$WORK/model.msgpack" "$WORK/digits/test"
 
-section "4/5  python -m convert $WORK/model_seed.pth --verify   (back to Flax)"
+section "4/6  python -m convert $WORK/model_seed.pth --verify   (back to Flax)"
 "$PY" -m convert "$WORK/model_seed.pth" -o "$WORK/converted.msgpack" --verify --verify-size 32
 
 # A .pth carries no metadata: the converted file has the seed's defaults (B0: 224 px), so the
 # digits' 32 px is given here.
-section "5/5  python -m train --eval-only --init converted.msgpack on the held-out test digits"
+section "5/6  python -m train --eval-only --init converted.msgpack on the held-out test digits"
 "$PY" -m train --eval-only --init "$WORK/converted.msgpack" --data-dir "$WORK/digits/test" \
     --eval-image-size 32
+
+section "6/6  python -m effnetv2_jax.predict on three test digits (the folder names the true class)"
+mapfile -t DIGITS < <(find "$WORK/digits/test" -name '*.png' | sort | awk 'NR % 90 == 1')
+"$PY" -m effnetv2_jax.predict "${DIGITS[@]}" --weights "$WORK/model.msgpack" --top-k 2
 
 printf '\ntour done in %d s; curves: %s/curves.png\n' $((SECONDS - START)) "$WORK"

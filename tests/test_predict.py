@@ -179,6 +179,12 @@ def test_labels_files_in_common_formats(tmp_path, name, content):
     assert read_labels(tmp_path / name) == ['daisy', 'dandelion', 'roses']
 
 
+def test_a_labels_file_that_is_not_a_list_is_a_clear_error(tmp_path):
+    (tmp_path / 'labels.json').write_text('{"0": "daisy", "2": "roses"}')
+    with pytest.raises(ValueError, match='cannot read labels'):
+        read_labels(tmp_path / 'labels.json')
+
+
 def _three_class_weights(weights, path, **metadata_changes):
     """`weights` cut down to 3 classes (the first three logits), saved with `metadata_changes`."""
     variables, metadata = checkpoint.read(weights)
