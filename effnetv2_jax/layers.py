@@ -5,15 +5,19 @@ Everything is NHWC. Parameter and statistic names mirror the PyTorch modules the
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 
 PADDINGS = ('symmetric', 'same')
+# 'auto': shifted multiply-adds on CPU, XLA's grouped convolution elsewhere (cuDNN on GPU).
+DEPTHWISE_IMPLEMENTATIONS = ('auto', 'xla', 'shifted')
 
 
 def conv_padding(padding: str, kernel_size: int):
@@ -28,6 +32,104 @@ def conv_padding(padding: str, kernel_size: int):
     if padding == 'same':
         return 'SAME'  # lax's SAME splits the padding exactly as TensorFlow does
     raise ValueError(f'padding must be one of {PADDINGS}, got {padding!r}')
+
+
+def explicit_padding(padding: str, kernel_size: int, stride: int, spatial_shape):
+    """((top, bottom), (left, right)) of `conv_padding` for an input of `spatial_shape` (H, W)."""
+    pads = conv_padding(padding, kernel_size)
+    if pads == 'SAME':
+        pads = lax.padtype_to_pads(spatial_shape, (kernel_size,) * 2, (stride,) * 2, 'SAME')
+    return tuple(tuple(int(p) for p in pair) for pair in pads)
+
+
+def _windows(x, kernel_size: int, stride: int, pads, out_hw):
+    """The k*k strided windows of the zero-padded input, in float32: one (N, Ho, Wo, C) per tap."""
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(jnp.float32)
+    n, c, (ho, wo), s = xp.shape[0], xp.shape[3], out_hw, stride
+    return [lax.slice(xp, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c),
+                      (1, s, s, 1)) for i in range(kernel_size) for j in range(kernel_size)]
+
+
+def _shifted_depthwise(x, kernel, stride: int, pads):
+    k = kernel.shape[0]
+    out_hw = [(x.shape[d] + sum(pads[d - 1]) - k) // stride + 1 for d in (1, 2)]
+    w = kernel.reshape(k * k, -1).astype(jnp.float32)
+    return sum(t * w[i] for i, t in enumerate(_windows(x, k, stride, pads, out_hw))).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shifted_depthwise_conv(x, kernel, stride: int, pads):
+    """Depthwise conv as k*k shifted multiply-adds, which XLA:CPU fuses into one loop: 15-100x
+    faster there than its grouped convolution (benchmarks/throughput.py; REFERENCE.md).
+    x (N, H, W, C), kernel (k, k, 1, C), pads ((top, bottom), (left, right)) -> (N, Ho, Wo, C)."""
+    return _shifted_depthwise(x, kernel, stride, pads)
+
+
+def _shifted_depthwise_fwd(x, kernel, stride, pads):
+    return _shifted_depthwise(x, kernel, stride, pads), (x, kernel)
+
+
+def _shifted_depthwise_bwd(stride, pads, residuals, g):
+    x, kernel = residuals
+    k, n = kernel.shape[0], x.shape[0]
+    dx, = jax.vjp(lambda x: _shifted_depthwise(x, kernel, stride, pads), x)[1](g)  # fused pads
+    # Autodiff's kernel gradient is k*k reductions of materialised (N, Ho, Wo, C) products, ~15x
+    # slower on CPU. Instead: sum groups of r <= 8 images with explicit adds and write every tap
+    # into one (N/r, Ho, Wo, k*k, C) array (one loop fusion: LLVM unswitches the iota selects),
+    # then one reduction. More than ~8 terms per group, or a scan, defeats the fusion.
+    r, g32 = max(d for d in range(1, 9) if n % d == 0), g.astype(jnp.float32)
+    tap_index, per_tap = lax.broadcasted_iota(jnp.int32, (1, 1, 1, k * k, 1), 3), 0
+    for t, window in enumerate(_windows(x, k, stride, pads, g.shape[1:3])):
+        products = (window * g32).reshape(r, n // r, *g.shape[1:])
+        per_tap = jnp.where(tap_index == t, sum(products[m] for m in range(r))[:, :, :, None],
+                            per_tap)
+    return dx, per_tap.sum((0, 1, 2)).reshape(kernel.shape).astype(kernel.dtype)
+
+
+shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
+def depthwise_conv(x, kernel, stride: int, pads, implementation: str = 'auto'):
+    """x (N, H, W, C), kernel (k, k, 1, C) -> (N, Ho, Wo, C); `implementation` is one of
+    DEPTHWISE_IMPLEMENTATIONS ('auto' picks per backend when compiled, also inside jax.export
+    artifacts for several platforms). All agree to float32 rounding (tests/test_layers.py)."""
+    def grouped(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        feature_group_count=x.shape[-1])
+
+    def shifted(x, kernel):
+        return shifted_depthwise_conv(x, kernel, stride, pads)
+
+    if implementation == 'auto':
+        return lax.platform_dependent(x, kernel, cpu=shifted, default=grouped)
+    if implementation == 'shifted':
+        return shifted(x, kernel)
+    if implementation == 'xla':
+        return grouped(x, kernel)
+    raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLEMENTATIONS}, '
+                     f'got {implementation!r}')
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise kxk conv without bias; the parameter is `kernel` (k, k, 1, C), as nn.Conv's
+    with `feature_group_count=C`, so converted weights fit either."""
+
+    kernel_size: int
+    stride: int = 1
+    padding: str = 'symmetric'
+    implementation: str = 'auto'
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param('kernel', self.kernel_init, (k, k, 1, x.shape[-1]), self.param_dtype)
+        pads = explicit_padding(self.padding, k, self.stride, x.shape[1:3])
+        return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pads,
+                              self.implementation)
 
 
 class BatchNorm(nn.Module):
@@ -87,16 +189,21 @@ class ConvBNAct(nn.Module):
     bn_momentum: float = 0.9
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    depthwise_implementation: str = 'auto'  # see DEPTHWISE_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         k = self.kernel_size
-        x = nn.Conv(
-            self.features, (k, k), strides=self.stride,
-            padding=conv_padding(self.padding, k) if k > 1 else 'VALID',
-            feature_group_count=self.groups, use_bias=False,
-            kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-            dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+        kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+        if self.groups > 1 and self.groups == x.shape[-1] == self.features:
+            x = DepthwiseConv(k, self.stride, self.padding, self.depthwise_implementation,
+                              kernel_init, self.dtype, self.param_dtype, name='conv')(x)
+        else:
+            x = nn.Conv(
+                self.features, (k, k), strides=self.stride,
+                padding=conv_padding(self.padding, k) if k > 1 else 'VALID',
+                feature_group_count=self.groups, use_bias=False, kernel_init=kernel_init,
+                dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
         x = BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, name='bn')(x, train)
         return self.activation(x) if self.activation is not None else x
 

@@ -90,6 +90,8 @@ class EfficientNetV2(nn.Module):
         padding: 'symmetric' (seed, torchvision, timm) or 'same' (TensorFlow, timm `tf_*`).
         dtype: compute dtype; BatchNorm statistics and the logits stay float32.
         remat: recompute each block's activations in the backward pass (less memory).
+        depthwise_implementation: 'auto' (shifted multiply-adds on CPU, XLA's grouped
+            convolution elsewhere), 'xla' or 'shifted'; see `layers.depthwise_conv`.
     """
 
     variant: Variant
@@ -103,12 +105,14 @@ class EfficientNetV2(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     features_only: bool = False
+    depthwise_implementation: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = functools.partial(
             ConvBNAct, padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
-            dtype=self.dtype, param_dtype=self.param_dtype)
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            depthwise_implementation=self.depthwise_implementation)
         squeeze_excite = functools.partial(
             SqueezeExcite, dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
@@ -150,7 +154,7 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
     """Builds an `EfficientNetV2` linen module with the variant's default rates.
 
     `overrides` are `EfficientNetV2` field names (`dropout_rate`, `drop_path_rate`, `padding`,
-    `bn_eps`, `dtype`, `param_dtype`, `remat`, `features_only`, ...).
+    `bn_eps`, `dtype`, `param_dtype`, `remat`, `features_only`, `depthwise_implementation`).
     """
     variant = get_variant(name)
     fields = {f.name for f in dataclasses.fields(EfficientNetV2)} - {'parent', 'name', 'variant'}

@@ -47,6 +47,19 @@ def test_eval_logits_match_pytorch(converted, size, record_property):
         np.asarray(jitted_apply(model)(variables, images)), torch_logits(module, images)))
 
 
+# On CPU the default depthwise implementation ('auto') is the shifted multiply-adds, so the tests
+# above check that one; XLA's grouped convolution (what GPUs and TPUs run) is checked here.
+@pytest.mark.parametrize('source', ['seed-b0', 'timm-tf-b0'])
+@pytest.mark.parametrize('size', SIZES)
+def test_eval_logits_match_pytorch_with_xla_depthwise_convolution(source, size, tmp_path):
+    factory, flags = SOURCES[source]
+    module = randomize_(factory(), seed=len(source), calibration_size=SIZES[0])
+    model, variables, _ = convert(module, tmp_path, *flags)
+    images = noise(size)
+    logits = jax.jit(model.clone(depthwise_implementation='xla').apply)(variables, images)
+    assert_logits_close(np.asarray(logits), torch_logits(module, images))
+
+
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_parameter_count_equals_pytorch_and_the_published_figure(variant):
     model = torch_reference.create(variant)

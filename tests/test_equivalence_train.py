@@ -31,6 +31,10 @@ TRAIN_SOURCES = {  # id -> (factory with drop rates 0, converter flags, size)
     'timm-tf-b0': (lambda: timm.create_model('tf_efficientnetv2_b0'), (), 64),
     'timm-s': (lambda: timm.create_model('efficientnetv2_s'), TIMM_TF_SYMMETRIC, 65),
 }
+# The default depthwise implementation on CPU is the shifted multiply-adds with a hand-written
+# backward; XLA's grouped convolution (GPU, TPU) is checked on two sources too.
+CASES = [(source, 'auto') for source in TRAIN_SOURCES] + [
+    ('timm-tf-b0', 'xla'), ('seed-s', 'xla')]
 
 
 def torch_train_step(module, images, labels):
@@ -52,13 +56,15 @@ def flax_train_step(model, variables, images, labels):
     return np.asarray(logits), grads, batch_stats
 
 
-@pytest.fixture(scope='module', params=list(TRAIN_SOURCES))
+@pytest.fixture(scope='module', params=CASES, ids=[f'{s}-{i}' for s, i in CASES])
 def train_step_results(request, tmp_path_factory):
     """One train step of both models on the same batch, results in torch names."""
-    factory, flags, size = TRAIN_SOURCES[request.param]
+    source, implementation = request.param
+    factory, flags, size = TRAIN_SOURCES[source]
     module = randomize_(factory(), seed=3, calibration_size=size)
     model, variables, metadata = convert(module, tmp_path_factory.mktemp('train'), *flags)
-    model = model.clone(dropout_rate=0.0, drop_path_rate=0.0)
+    model = model.clone(dropout_rate=0.0, drop_path_rate=0.0,
+                        depthwise_implementation=implementation)
     images = noise(size, batch=4, seed=5)
     labels = np.array([1, 5, 7, 3])
     torch_out = torch_train_step(module, images, labels)
