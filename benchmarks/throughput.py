@@ -63,6 +63,30 @@ def send(message: dict) -> None:
     print(PROTOCOL + json.dumps(message), flush=True)
 
 
+def jax_train_step(model, tx):
+    """`step((params, batch_stats, opt_state), images, labels, key) -> (new state, loss)`: forward
+    in train mode, backward, the optax update and the BatchNorm update."""
+    import jax
+    import optax
+
+    def train_step(state, images, labels, key):
+        params, batch_stats, opt_state = state
+        dropout, drop_path = jax.random.split(key)
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {'params': params, 'batch_stats': batch_stats}, images, train=True,
+                mutable=['batch_stats'], rngs={'dropout': dropout, 'drop_path': drop_path})
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates['batch_stats']
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    return train_step
+
+
 def jax_step(args):
     """(step, peak memory) for our model: step() runs one batch and waits for its result."""
     import jax
@@ -85,29 +109,13 @@ def jax_step(args):
         step = lambda: forward(variables, images).block_until_ready()
     else:
         tx = optax.sgd(0.1, momentum=0.9)
-
-        def train_step(state, key):
-            params, batch_stats, opt_state = state
-            dropout, drop_path = jax.random.split(key)
-
-            def loss_fn(params):
-                logits, updates = model.apply(
-                    {'params': params, 'batch_stats': batch_stats}, images, train=True,
-                    mutable=['batch_stats'], rngs={'dropout': dropout, 'drop_path': drop_path})
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                return loss, updates['batch_stats']
-
-            (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
-
-        jitted = jax.jit(train_step, donate_argnums=0)
+        jitted = jax.jit(jax_train_step(model, tx), donate_argnums=0)
         params = variables['params']
         state = [(params, variables['batch_stats'], tx.init(params))]
         key = jax.random.key(1)
 
         def step():
-            state[0], loss = jitted(state[0], key)
+            state[0], loss = jitted(state[0], images, labels, key)
             loss.block_until_ready()
 
     def peak_memory():
