@@ -132,6 +132,23 @@ class DepthwiseConv(nn.Module):
                               self.implementation)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 conv without bias as a matrix product over the channel axis; the parameter is
+    `kernel` (1, 1, C_in, features), as nn.Conv's."""
+
+    features: int
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
+                            self.param_dtype)
+        return lax.dot_general(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
+                               (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over N, H, W with `torch.nn.BatchNorm2d` semantics.
 
@@ -198,6 +215,9 @@ class ConvBNAct(nn.Module):
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             x = DepthwiseConv(k, self.stride, self.padding, self.depthwise_implementation,
                               kernel_init, self.dtype, self.param_dtype, name='conv')(x)
+        elif k == 1 and self.stride == 1 and self.groups == 1:
+            x = PointwiseConv(self.features, kernel_init, self.dtype, self.param_dtype,
+                              name='conv')(x)
         else:
             x = nn.Conv(
                 self.features, (k, k), strides=self.stride,
