@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import timm
 import torch
@@ -59,6 +60,28 @@ def torch_preprocess(transform, images) -> np.ndarray:
     """A torchvision/timm transform on uint8 [H, W, 3] arrays: float32 [N, size, size, 3]."""
     from PIL import Image
     return np.stack([transform(Image.fromarray(i)).numpy().transpose(1, 2, 0) for i in images])
+
+
+def random_variables(model, x, seed=0):
+    """Deterministic random variables for `model` without running its (slow on CPU) initialisers.
+
+    Shapes come from `jax.eval_shape(model.init)`; kernels ~ N(0, 1/fan_in), BN scales and
+    variances in [0.5, 1.5), the rest ~ N(0, 0.1).
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == 'kernel':
+            values = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name in ('scale', 'var'):
+            values = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            values = rng.normal(0.0, 0.1, leaf.shape)
+        return jnp.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 LOGIT_RTOL = 1e-5

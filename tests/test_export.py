@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import effnetv2_jax
+from conftest import random_variables
 from effnetv2_jax.export import export, main
 
 SIZE, NUM_CLASSES = 64, 10
@@ -53,21 +54,7 @@ def model():
 
 @pytest.fixture(scope='module')
 def variables(model):
-    """Kernels ~ N(0, 1/fan_in), BN scales and variances in [0.5, 1.5), the rest ~ N(0, 0.1)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3))))
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == 'kernel':
-            values = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name in ('scale', 'var'):
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        else:
-            values = rng.normal(0.0, 0.1, leaf.shape)
-        return np.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return random_variables(model, jnp.zeros((1, SIZE, SIZE, 3)))
 
 
 @pytest.fixture(scope='module')

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import effnetv2_jax
+from conftest import random_variables
 from convert import torch_reference
 from effnetv2_jax.layers import (BatchNorm, ConvBNAct, DropPath, SqueezeExcite, depthwise_conv,
                                  explicit_padding)
@@ -509,28 +510,6 @@ def test_drop_path_output_mean_equals_input_mean():
 
 IMAGE_SHAPE = (2, 32, 32, 3)
 NUM_CLASSES = 10
-
-
-def random_variables(model, x, seed=0):
-    """Deterministic random variables for `model` without running its (slow on CPU) initialisers.
-
-    Shapes come from `jax.eval_shape(model.init)`; kernels ~ N(0, 1/fan_in), BN scales and
-    variances in [0.5, 1.5), the rest ~ N(0, 0.1).
-    """
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == 'kernel':
-            values = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name in ('scale', 'var'):
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        else:
-            values = rng.normal(0.0, 0.1, leaf.shape)
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope='module')
