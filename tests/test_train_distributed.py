@@ -120,19 +120,19 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
             assert len(jax.tree.leaves(restored)[0].sharding.device_set) == 1
 
     (state8, metrics8), (state1, metrics1) = results[8], results[1]
-    grads = lambda s: jax.tree.map(lambda a, b: a - b, variables['params'], s.params)
+    moved = lambda params: jax.tree.map(lambda a, b: a - b, variables['params'], params)
     print(json.dumps({'loss': abs(float(metrics8['loss'] - metrics1['loss'])),
-                      'updates': worst(grads(state8), grads(state1)),
+                      'updates': worst(moved(state8.params), moved(state1.params)),
                       'batch_stats': worst(state8.batch_stats, state1.batch_stats),
-                      'ema': worst(state8.ema_params, state1.ema_params)}))
+                      'ema': worst(moved(state8.ema_params), moved(state1.ema_params))}))
 ''')
 
 
 def test_sharded_step_on_8_devices_equals_the_single_device_step(tmp_path):
     """One step (mixup/cutmix, dropout, drop path, BN in train mode, EMA) with the batch sharded
     over 8 fake CPU devices vs on 1. Only summation order differs (BN statistics and gradients
-    are all-reduced), so fp32 agreement within 1e-4 (gradients) or 1e-5 (BN statistics, EMA) of
-    each tensor's largest value (floored at 1% of the largest in the tree). The 8-device state,
+    are all-reduced), so fp32 agreement within 1e-4 (updates of the parameters and of their EMA)
+    or 1e-5 (BN statistics) of each tensor's largest value (floored at 1% of the largest in the tree). The 8-device state,
     checkpointed, restores bitwise onto 1 device."""
     result = subprocess.run([sys.executable, '-c', SHARDED_STEP_CHECK, str(tmp_path)], cwd=ROOT,
                             env=environment(8), capture_output=True, text=True, timeout=600)
@@ -143,7 +143,7 @@ def test_sharded_step_on_8_devices_equals_the_single_device_step(tmp_path):
     assert differences['loss'] <= 1e-5
     assert differences['updates'] <= 1e-4
     assert differences['batch_stats'] <= 1e-5
-    assert differences['ema'] <= 1e-5
+    assert differences['ema'] <= 1e-4  # the EMA moves by (1 - decay) x the updates
 
 
 def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, digits):
@@ -157,8 +157,8 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, digits):
              '--process-id', str(i)], cwd=ROOT, env=environment(2), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (_, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
+    assert [p.returncode for p in processes] == [0, 0], '\n'.join(
+            f'process {i}: {err[-3000:]}' for i, (_, err) in enumerate(outputs))
     assert '2 process(es)' in outputs[0][1] + outputs[0][0]
     train(tmp_path / 'single', *args, devices=4)
     difference = max_relative_difference(final_state(tmp_path / 'multi')['params'],

@@ -204,7 +204,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         if restore:
             checkpoints.restore_iterator(step, data)
         step_fn = trainer.jit_train_step(
-                mesh, state_sharding, model=model.clone(dropout_rate=stage.dropout), tx=tx,
+                mesh, state_sharding, name=f'train step of stage {stage.index}',
+                model=model.clone(dropout_rate=stage.dropout), tx=tx,
                 schedule=schedule, spec=spec, base_key=base_key, config=config,
                 mixup=stage.mixup)
         reporter.print(f'stage {stage.index + 1}/{len(stages)}: {stage.image_size} px, '

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -203,15 +204,44 @@ def eval_step(state: TrainState, batch, *, model: EfficientNetV2, spec: dict,
     return sums
 
 
-def jit_train_step(mesh: Mesh, state_sharding, **static) -> Callable:
-    """`train_step` jitted for the mesh: state replicated and donated, batch over `data`."""
+# Generous: a barrier only waits for the slowest process's compilation; a process that dies is
+# noticed sooner by the coordination service's heartbeats.
+COMPILE_BARRIER_TIMEOUT_SECONDS = 3600
+
+
+def compiled_together(jitted: Callable, name: str) -> Callable:
+    """`jitted`, except that with several processes each new input signature is compiled ahead
+    of its first run, which starts only once every process has compiled it. The CPU collectives
+    (gloo) give up after 30 s, and processes that share a machine can finish compiling further
+    apart than that."""
+    if jax.process_count() == 1:
+        return jitted
+    barrier = ocp.multihost.get_barrier_sync_fn()
+    executables = {}
+
+    def call(*args):
+        leaves, tree = jax.tree.flatten(args)
+        signature = (tree, tuple((x.shape, x.dtype) for x in leaves))
+        if signature not in executables:
+            executables[signature] = jitted.lower(*args).compile()
+            barrier(key=f'{name} compiled ({len(executables)})',
+                    timeout_ms=COMPILE_BARRIER_TIMEOUT_SECONDS * 1000)
+        return executables[signature](*args)
+    return call
+
+
+def jit_train_step(mesh: Mesh, state_sharding, *, name: str = 'train step', **static) -> Callable:
+    """`train_step` jitted for the mesh (state replicated and donated, batch over `data`) and
+    compiled together across processes under `name` (unique per run)."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(functools.partial(train_step, **static),
-                   in_shardings=(state_sharding, data_sharding(mesh)),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return compiled_together(jax.jit(functools.partial(train_step, **static),
+                                     in_shardings=(state_sharding, data_sharding(mesh)),
+                                     out_shardings=(state_sharding, replicated),
+                                     donate_argnums=0), name)
 
 
 def jit_eval_step(mesh: Mesh, state_sharding, **static) -> Callable:
     replicated = NamedSharding(mesh, P())
-    return jax.jit(functools.partial(eval_step, **static),
-                   in_shardings=(state_sharding, data_sharding(mesh)), out_shardings=replicated)
+    return compiled_together(jax.jit(functools.partial(eval_step, **static),
+                                     in_shardings=(state_sharding, data_sharding(mesh)),
+                                     out_shardings=replicated), 'eval step')
