@@ -9,6 +9,9 @@ Reported per case: parameters + optimizer state + BN statistics (the step's dona
 batch, and XLA's temporary buffers (activations kept for the backward pass and scratch); their
 sum is the step's peak device memory as XLA plans it. A GPU's allocator adds fragmentation and
 the runtime's workspace on top (cuDNN), so treat it as a lower bound there.
+
+Remat only pays where the compiler schedules the recomputation late: XLA:CPU's plan comes out the
+same with and without it (README, "Memory"), so measure remat on the GPU or TPU it is meant for.
 """
 from __future__ import annotations
 
