@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.throughput import machine, receive, send
+from benchmarks.throughput import machine, random_variables, receive, send
 
 MAX_DEVICES = 64  # beyond this, on a few cores, only thread contention would be measured
 RECORDED_FIELDS = ('optimizer', 'momentum', 'weight_decay', 'label_smoothing', 'ema_decay',
@@ -93,11 +93,10 @@ def measure(args, batch_size: int) -> dict:
                                  dtype=args.dtype)
     model = effnetv2_jax.create_model(config.variant, drop_path_rate=config.drop_path_rate,
                                       dtype=jnp.dtype(config.dtype))
-    # Random values in the initialisers' shapes: running Flax's initialisers compiles for a long
-    # time on CPU and is not what is measured.
     rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    variables = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(s.dtype), shapes)
+    # On the host: the state's EMA starts as the parameters, and device_put of one device array
+    # twice would alias the two, which the donating step refuses.
+    variables = jax.device_get(random_variables(model, rng))
     schedule = trainer.learning_rate_schedule(config, steps_per_epoch=100)
     tx = trainer.make_optimizer(config, schedule)
     mesh = trainer.make_mesh()

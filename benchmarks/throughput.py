@@ -87,6 +87,15 @@ def jax_train_step(model, tx):
     return train_step
 
 
+def random_variables(model, rng):
+    """Variables of `model` with N(0, 0.05) values in the initialisers' shapes: running Flax's
+    initialisers compiles for tens of seconds on CPU and is not what is measured."""
+    import jax
+    import jax.numpy as jnp
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), s.dtype), shapes)
+
+
 def jax_step(args):
     """(step, peak memory) for our model: step() runs one batch and waits for its result."""
     import jax
@@ -97,11 +106,8 @@ def jax_step(args):
     import effnetv2_jax
     model = effnetv2_jax.create_model(args.variant, dtype=jnp.dtype(args.dtype), remat=args.remat)
     size, batch = args.image_size, args.batch_size
-    # Random values in the initialisers' shapes: running Flax's initialisers compiles for tens of
-    # seconds on CPU and is not what is measured.
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), s.dtype), shapes)
+    variables = random_variables(model, rng)
     images = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 1000, batch))
     if args.mode == 'infer':
