@@ -20,8 +20,8 @@ PADDINGS = ('symmetric', 'same')
 DEPTHWISE_IMPLEMENTATIONS = ('auto', 'xla', 'shifted')
 
 
-def conv_padding(padding: str, kernel_size: int):
-    """Flax padding for a square kernel.
+def explicit_padding(padding: str, kernel_size: int, stride: int, spatial_shape):
+    """((top, bottom), (left, right)) for a square kernel on an input of `spatial_shape` (H, W).
 
     'symmetric' pads (k-1)//2 on every side (PyTorch); 'same' is TensorFlow's SAME, which on a
     stride-2 layer with even input pads one more at the bottom/right than at the top/left.
@@ -29,17 +29,10 @@ def conv_padding(padding: str, kernel_size: int):
     if padding == 'symmetric':
         pad = (kernel_size - 1) // 2
         return ((pad, pad), (pad, pad))
-    if padding == 'same':
-        return 'SAME'  # lax's SAME splits the padding exactly as TensorFlow does
-    raise ValueError(f'padding must be one of {PADDINGS}, got {padding!r}')
-
-
-def explicit_padding(padding: str, kernel_size: int, stride: int, spatial_shape):
-    """((top, bottom), (left, right)) of `conv_padding` for an input of `spatial_shape` (H, W)."""
-    pads = conv_padding(padding, kernel_size)
-    if pads == 'SAME':
+    if padding == 'same':  # lax's SAME splits the padding exactly as TensorFlow does
         pads = lax.padtype_to_pads(spatial_shape, (kernel_size,) * 2, (stride,) * 2, 'SAME')
-    return tuple(tuple(int(p) for p in pair) for pair in pads)
+        return tuple(tuple(int(p) for p in pair) for pair in pads)
+    raise ValueError(f'padding must be one of {PADDINGS}, got {padding!r}')
 
 
 def _windows(x, kernel_size: int, stride: int, pads, out_hw):
@@ -109,6 +102,95 @@ def depthwise_conv(x, kernel, stride: int, pads, implementation: str = 'auto'):
         return grouped(x, kernel)
     raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLEMENTATIONS}, '
                      f'got {implementation!r}')
+
+
+def _dense_conv(x, kernel, stride: int, pads):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# Measured on a 2-core CPU, batch 8 (README, Performance): the im2col kernel gradient is 2-2.6x
+# faster than XLA's for 24->96, 48->192 and 64->256 but 1.3-3x slower for 3->24 and 24->24: its
+# matrix product must be wide enough to pay for writing the k*k windows.
+IM2COL_MIN_FEATURES = 64
+CONV_KERNEL_GRADIENTS = ('auto', 'xla', 'im2col')
+
+
+def conv_kernel_gradient(x, g, kernel_size: int, stride: int, pads, implementation: str = 'auto'):
+    """The kernel gradient of a dense conv: input x (N, H, W, C_in) and output cotangent
+    g (N, Ho, Wo, C_out) -> float32 (k, k, C_in, C_out).
+
+    'xla' is XLA's transposed convolution; 'im2col' one matrix product of the k*k strided windows
+    (N*Ho*Wo, k*k*C_in) with g (N*Ho*Wo, C_out); 'auto' picks im2col on CPU for
+    C_out >= IM2COL_MIN_FEATURES, else xla.
+    """
+    k, c_in, c_out = kernel_size, x.shape[-1], g.shape[-1]
+
+    def xla(x, g):
+        kernel = jax.ShapeDtypeStruct((k, k, c_in, c_out), x.dtype)
+        dw, = jax.linear_transpose(lambda w: _dense_conv(x, w, stride, pads), kernel)(g)
+        return dw.astype(jnp.float32)
+
+    def im2col(x, g):
+        patches = jnp.stack(_windows(x, k, stride, pads, g.shape[1:3]), axis=3)
+        dw = lax.dot_general(patches.reshape(-1, k * k * c_in),
+                             g.reshape(-1, c_out).astype(jnp.float32), (((0,), (0,)), ((), ())))
+        return dw.reshape(k, k, c_in, c_out)
+
+    if implementation == 'auto':
+        if c_out < IM2COL_MIN_FEATURES:
+            return xla(x, g)
+        return lax.platform_dependent(x, g, cpu=im2col, default=xla)
+    if implementation == 'im2col':
+        return im2col(x, g)
+    if implementation == 'xla':
+        return xla(x, g)
+    raise ValueError(f'kernel gradient must be one of {CONV_KERNEL_GRADIENTS}, '
+                     f'got {implementation!r}')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_conv(x, kernel, stride: int, pads):
+    """XLA's convolution with the kernel gradient of `conv_kernel_gradient(..., 'auto')`: XLA:CPU's
+    own is 2-5x slower than the forward for the wide convs of the fused blocks.
+    x (N, H, W, C_in), kernel (k, k, C_in, C_out), pads ((top, bottom), (left, right))
+    -> (N, Ho, Wo, C_out)."""
+    return _dense_conv(x, kernel, stride, pads)
+
+
+def _dense_conv_fwd(x, kernel, stride, pads):
+    return _dense_conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _dense_conv_bwd(stride, pads, residuals, g):
+    x, kernel = residuals
+    dx, = jax.vjp(lambda x: _dense_conv(x, kernel, stride, pads), x)[1](g)
+    dw = conv_kernel_gradient(x, g, kernel.shape[0], stride, pads)
+    return dx, dw.astype(kernel.dtype)
+
+
+dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
+
+
+class Conv(nn.Module):
+    """A dense kxk conv without bias (`dense_conv`); the parameter is `kernel`
+    (k, k, C_in, features), as nn.Conv's."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: str = 'symmetric'
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                            self.param_dtype)
+        pads = explicit_padding(self.padding, k, self.stride, x.shape[1:3])
+        return dense_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pads)
 
 
 class DepthwiseConv(nn.Module):
@@ -218,12 +300,12 @@ class ConvBNAct(nn.Module):
         elif k == 1 and self.stride == 1 and self.groups == 1:
             x = PointwiseConv(self.features, kernel_init, self.dtype, self.param_dtype,
                               name='conv')(x)
+        elif self.groups == 1:
+            x = Conv(self.features, k, self.stride, self.padding, kernel_init, self.dtype,
+                     self.param_dtype, name='conv')(x)
         else:
-            x = nn.Conv(
-                self.features, (k, k), strides=self.stride,
-                padding=conv_padding(self.padding, k) if k > 1 else 'VALID',
-                feature_group_count=self.groups, use_bias=False, kernel_init=kernel_init,
-                dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+            raise ValueError(f'groups must be 1 or, for a depthwise conv, the channel count '
+                             f'{x.shape[-1]} == features; got {self.groups}')
         x = BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, name='bn')(x, train)
         return self.activation(x) if self.activation is not None else x
 

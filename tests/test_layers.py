@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import effnetv2_jax
 from conftest import random_variables
 from convert import torch_reference
-from effnetv2_jax.layers import (BatchNorm, ConvBNAct, DropPath, SqueezeExcite, depthwise_conv,
+from effnetv2_jax.layers import (IM2COL_MIN_FEATURES, BatchNorm, ConvBNAct, DropPath,
+                                 SqueezeExcite, conv_kernel_gradient, dense_conv, depthwise_conv,
                                  explicit_padding)
 
 # Layer outputs (BatchNorm, ConvBNAct, SqueezeExcite) reach |y| ~ 5..18 here, and the two
@@ -334,6 +335,12 @@ def test_convbnact_rejects_unknown_padding():
         jax.eval_shape(ConvBNAct(2, 3, padding='valid').init, jax.random.key(0), x)
 
 
+def test_convbnact_rejects_groups_other_than_one_or_depthwise():
+    x = jnp.zeros((1, 4, 4, 8))
+    with pytest.raises(ValueError, match='groups must be 1'):
+        jax.eval_shape(ConvBNAct(8, 3, groups=2).init, jax.random.key(0), x)
+
+
 def tf_same_pad(x_nchw, k, stride):
     """TensorFlow SAME padding done explicitly: total = max((ceil(n/s) - 1) s + k - n, 0),
     split with the extra pixel at the bottom/right."""
@@ -368,7 +375,28 @@ def test_convbnact_depthwise_equals_torch_grouped_conv(implementation, padding, 
 
 
 # Gradients of a sum of ~1e3 products: float32 rounding in a different order, ~1e-6 relative.
-DEPTHWISE_GRAD_RTOL = 1e-5
+CONV_GRAD_RTOL = 1e-5
+
+
+def torch_conv_gradients(rng, batch, size, in_ch, out_ch, k, stride, padding, groups=1):
+    """(x NHWC, torch weight, output cotangent NHWC, torch's y, dx NHWC and dweight HWIO) of a
+    conv with `padding` 'symmetric' or TensorFlow's 'same'."""
+    x = rng.standard_normal((batch, *size, in_ch)).astype(np.float32)
+    weight = random_conv_weight(rng, out_ch, in_ch // groups, k)
+    x_torch = nchw(x).clone().requires_grad_(True)
+    w_torch = torch.tensor(weight, requires_grad=True)
+    padded = tf_same_pad(x_torch, k, stride) if padding == 'same' else x_torch
+    y_torch = F.conv2d(padded, w_torch, stride=stride, groups=groups,
+                       padding=0 if padding == 'same' else (k - 1) // 2)
+    cotangent = rng.standard_normal(y_torch.shape).astype(np.float32)
+    y_torch.backward(torch.from_numpy(cotangent))
+    return (x, weight, cotangent.transpose(0, 2, 3, 1), nhwc(y_torch),
+            nhwc(x_torch.grad), to_hwio(w_torch.grad.numpy()))
+
+
+def assert_gradient_close(got, expected):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=CONV_GRAD_RTOL,
+                               atol=CONV_GRAD_RTOL * np.max(np.abs(expected)))
 
 
 @pytest.mark.parametrize('implementation', ['xla', 'shifted'])
@@ -378,24 +406,15 @@ DEPTHWISE_GRAD_RTOL = 1e-5
 def test_depthwise_conv_gradients_equal_torch(implementation, padding, batch, k, stride, size):
     rng = np.random.default_rng(k * 100 + stride * 10 + batch)
     channels = 5
-    x = rng.standard_normal((batch, *size, channels)).astype(np.float32)
-    weight = rng.standard_normal((channels, 1, k, k)).astype(np.float32)
-    x_torch = nchw(x).clone().requires_grad_(True)
-    w_torch = torch.tensor(weight, requires_grad=True)
-    padded = tf_same_pad(x_torch, k, stride) if padding == 'same' else x_torch
-    y_torch = F.conv2d(padded, w_torch, stride=stride, groups=channels,
-                       padding=0 if padding == 'same' else (k - 1) // 2)
-    cotangent = rng.standard_normal(y_torch.shape).astype(np.float32)
-    y_torch.backward(torch.from_numpy(cotangent))
-
+    x, weight, cotangent, y_torch, dx_torch, dw_torch = torch_conv_gradients(
+        rng, batch, size, channels, channels, k, stride, padding, groups=channels)
     pads = explicit_padding(padding, k, stride, size)
     y, vjp = jax.vjp(lambda x, w: depthwise_conv(x, w, stride, pads, implementation),
                      jnp.asarray(x), jnp.asarray(to_hwio(weight)))
-    dx, dw = vjp(jnp.asarray(cotangent.transpose(0, 2, 3, 1)))
-    assert_close(y, nhwc(y_torch.detach()))
-    for got, expected in ((dx, nhwc(x_torch.grad)), (dw, to_hwio(w_torch.grad.numpy()))):
-        np.testing.assert_allclose(np.asarray(got), expected, rtol=DEPTHWISE_GRAD_RTOL,
-                                   atol=DEPTHWISE_GRAD_RTOL * np.max(np.abs(expected)))
+    dx, dw = vjp(jnp.asarray(cotangent))
+    assert_close(y, y_torch)
+    assert_gradient_close(dx, dx_torch)
+    assert_gradient_close(dw, dw_torch)
 
 
 def test_unknown_depthwise_implementation_is_refused():
@@ -410,6 +429,55 @@ def test_auto_depthwise_lowers_for_every_platform_without_their_devices():
         platforms=('cpu', 'cuda', 'tpu'))(jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 1, 4)))
     assert exported.platforms == ('cpu', 'cuda', 'tpu')
     assert 'convolution' in exported.mlir_module()  # the grouped conv, for cuda and tpu
+
+
+DENSE_CASES = [(3, 1, (9, 8)), (3, 2, (10, 10)), (3, 2, (9, 11)), (1, 2, (8, 9))]
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'im2col'])
+@pytest.mark.parametrize('padding', ['symmetric', 'same'])
+@pytest.mark.parametrize('k,stride,size', DENSE_CASES)
+def test_conv_kernel_gradient_equals_torch(implementation, padding, k, stride, size):
+    rng = np.random.default_rng(k * 100 + stride * 10 + size[1])
+    x, _, cotangent, _, _, dw_torch = torch_conv_gradients(rng, 3, size, 6, 8, k, stride, padding)
+    pads = explicit_padding(padding, k, stride, size)
+    dw = conv_kernel_gradient(jnp.asarray(x), jnp.asarray(cotangent), k, stride, pads,
+                              implementation)
+    assert dw.dtype == jnp.float32
+    assert_gradient_close(dw, dw_torch)
+
+
+# Below IM2COL_MIN_FEATURES outputs 'auto' is XLA's kernel gradient on every platform; from it on,
+# im2col on CPU: both branches, through the custom_vjp.
+@pytest.mark.parametrize('out_ch', [8, IM2COL_MIN_FEATURES])
+@pytest.mark.parametrize('padding', ['symmetric', 'same'])
+@pytest.mark.parametrize('k,stride,size', DENSE_CASES)
+def test_dense_conv_output_and_gradients_equal_torch(out_ch, padding, k, stride, size):
+    rng = np.random.default_rng(out_ch + k * 100 + stride * 10 + size[1])
+    x, weight, cotangent, y_torch, dx_torch, dw_torch = torch_conv_gradients(
+        rng, 3, size, 6, out_ch, k, stride, padding)
+    pads = explicit_padding(padding, k, stride, size)
+    y, vjp = jax.vjp(lambda x, w: dense_conv(x, w, stride, pads), jnp.asarray(x),
+                     jnp.asarray(to_hwio(weight)))
+    dx, dw = vjp(jnp.asarray(cotangent))
+    assert_close(y, y_torch)
+    assert_gradient_close(dx, dx_torch)
+    assert_gradient_close(dw, dw_torch)
+
+
+def test_unknown_kernel_gradient_is_refused():
+    with pytest.raises(ValueError, match='kernel gradient'):
+        conv_kernel_gradient(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)), 3, 1,
+                             ((1, 1), (1, 1)), 'winograd')
+
+
+def test_auto_kernel_gradient_lowers_for_every_platform_without_their_devices():
+    def loss(x, w):
+        return dense_conv(x, w, 2, ((0, 1), (0, 1))).sum()
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=1)),
+                                 platforms=('cpu', 'cuda', 'tpu'))(
+        jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 4, IM2COL_MIN_FEATURES)))
+    assert exported.platforms == ('cpu', 'cuda', 'tpu')
 
 
 def test_convbnact_train_step_matches_torch_conv_and_batchnorm2d():
