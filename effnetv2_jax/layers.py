@@ -109,9 +109,9 @@ def _dense_conv(x, kernel, stride: int, pads):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-# Measured on a 2-core CPU, batch 8 (README, Performance): the im2col kernel gradient is 2-2.6x
-# faster than XLA's for 24->96, 48->192 and 64->256 but 1.3-3x slower for 3->24 and 24->24: its
-# matrix product must be wide enough to pay for writing the k*k windows.
+# Measured on a 2-core CPU, batch 8 (README, Performance): the im2col kernel gradient is 1.3-3.6x
+# faster than XLA's for the 24->96, 48->192 and 64->256 convs of S, but ~1.5x slower for its
+# 24->24: a narrow matrix product does not pay for writing the k*k windows.
 IM2COL_MIN_FEATURES = 64
 CONV_KERNEL_GRADIENTS = ('auto', 'xla', 'im2col')
 
@@ -152,7 +152,7 @@ def conv_kernel_gradient(x, g, kernel_size: int, stride: int, pads, implementati
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def dense_conv(x, kernel, stride: int, pads):
     """XLA's convolution with the kernel gradient of `conv_kernel_gradient(..., 'auto')`: XLA:CPU's
-    own is 2-5x slower than the forward for the wide convs of the fused blocks.
+    own is 3-7x slower than the forward for the wide convs of the fused blocks.
     x (N, H, W, C_in), kernel (k, k, C_in, C_out), pads ((top, bottom), (left, right))
     -> (N, Ho, Wo, C_out)."""
     return _dense_conv(x, kernel, stride, pads)

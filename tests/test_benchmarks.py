@@ -2,10 +2,13 @@
 numbers themselves are measured by hand, never asserted)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,29 @@ def test_scaling_benchmark_measures_only_the_batches_a_device_count_divides(tmp_
     assert cell['first_step_s'] > 0 and report['workers'][0]['peak_rss_bytes'] > 0
     table = Path(f'{output}.md').read_text()
     assert '| 2 | ' in table and '| 3 | - |' in table
+
+
+def run_memory_benchmark(*args):
+    return subprocess.run([sys.executable, '-m', 'benchmarks.memory', '--cases', 'b0:32:1', *args],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def test_memory_benchmark_plans_the_train_step_with_and_without_remat():
+    result = run_memory_benchmark()
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| B0 | 32 | 1 |')]
+    assert [row.split(' | ')[3] for row in rows] == ['no', 'yes']
+
+
+def test_memory_benchmark_for_an_h200_plans_with_the_cuda_plugin_or_says_how_to_get_it():
+    result = run_memory_benchmark('--target', 'h200')
+    if importlib.util.find_spec('jax_cuda12_plugin') is None:
+        assert result.returncode != 0
+        assert result.stderr.strip() == (
+            f'error: --target h200 needs the CUDA plugin of jax {jax.__version__}: '
+            f'pip install "jax[cuda12]=={jax.__version__}"')
+        assert '| B0 |' not in result.stdout
+    else:
+        assert result.returncode == 0, result.stderr
+        assert 'NVIDIA H200 (compile only)' in result.stdout
+        assert '| B0 | 32 | 1 | yes |' in result.stdout
