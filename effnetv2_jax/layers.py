@@ -173,13 +173,16 @@ dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
 class Conv(nn.Module):
-    """A dense kxk conv without bias (`dense_conv`); the parameter is `kernel`
-    (k, k, C_in, features), as nn.Conv's."""
+    """A kxk conv without bias, dense (`dense_conv`) or depthwise (`depthwise_conv`, which needs
+    features == C_in); the parameter is `kernel` (k, k, C_in or 1 if depthwise, features), as
+    nn.Conv's with `feature_group_count` 1 or C_in, so converted weights fit either."""
 
     features: int
     kernel_size: int
     stride: int = 1
     padding: str = 'symmetric'
+    depthwise: bool = False
+    depthwise_implementation: str = 'auto'  # see DEPTHWISE_IMPLEMENTATIONS
     kernel_init: Callable = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -187,31 +190,14 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
-        kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+        kernel = self.param('kernel', self.kernel_init,
+                            (k, k, 1 if self.depthwise else x.shape[-1], self.features),
                             self.param_dtype)
         pads = explicit_padding(self.padding, k, self.stride, x.shape[1:3])
-        return dense_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pads)
-
-
-class DepthwiseConv(nn.Module):
-    """A depthwise kxk conv without bias; the parameter is `kernel` (k, k, 1, C), as nn.Conv's
-    with `feature_group_count=C`, so converted weights fit either."""
-
-    kernel_size: int
-    stride: int = 1
-    padding: str = 'symmetric'
-    implementation: str = 'auto'
-    kernel_init: Callable = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        k = self.kernel_size
-        kernel = self.param('kernel', self.kernel_init, (k, k, 1, x.shape[-1]), self.param_dtype)
-        pads = explicit_padding(self.padding, k, self.stride, x.shape[1:3])
-        return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pads,
-                              self.implementation)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.depthwise:
+            return depthwise_conv(x, kernel, self.stride, pads, self.depthwise_implementation)
+        return dense_conv(x, kernel, self.stride, pads)
 
 
 class PointwiseConv(nn.Module):
@@ -294,18 +280,17 @@ class ConvBNAct(nn.Module):
     def __call__(self, x, train: bool = False):
         k = self.kernel_size
         kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-        if self.groups > 1 and self.groups == x.shape[-1] == self.features:
-            x = DepthwiseConv(k, self.stride, self.padding, self.depthwise_implementation,
-                              kernel_init, self.dtype, self.param_dtype, name='conv')(x)
-        elif k == 1 and self.stride == 1 and self.groups == 1:
-            x = PointwiseConv(self.features, kernel_init, self.dtype, self.param_dtype,
-                              name='conv')(x)
-        elif self.groups == 1:
-            x = Conv(self.features, k, self.stride, self.padding, kernel_init, self.dtype,
-                     self.param_dtype, name='conv')(x)
-        else:
+        depthwise = self.groups > 1 and self.groups == x.shape[-1] == self.features
+        if self.groups != 1 and not depthwise:
             raise ValueError(f'groups must be 1 or, for a depthwise conv, the channel count '
                              f'{x.shape[-1]} == features; got {self.groups}')
+        if k == 1 and self.stride == 1 and not depthwise:
+            x = PointwiseConv(self.features, kernel_init, self.dtype, self.param_dtype,
+                              name='conv')(x)
+        else:
+            x = Conv(self.features, k, self.stride, self.padding, depthwise,
+                     self.depthwise_implementation, kernel_init, self.dtype, self.param_dtype,
+                     name='conv')(x)
         x = BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, name='bn')(x, train)
         return self.activation(x) if self.activation is not None else x
 

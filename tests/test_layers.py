@@ -399,6 +399,16 @@ def assert_gradient_close(got, expected):
                                atol=CONV_GRAD_RTOL * np.max(np.abs(expected)))
 
 
+def assert_conv_and_gradients_equal(conv, torch_case):
+    """`conv(x NHWC, kernel HWIO)` gives torch's output, input gradient and weight gradient."""
+    x, weight, cotangent, y_torch, dx_torch, dw_torch = torch_case
+    y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(to_hwio(weight)))
+    dx, dw = vjp(jnp.asarray(cotangent))
+    assert_close(y, y_torch)
+    assert_gradient_close(dx, dx_torch)
+    assert_gradient_close(dw, dw_torch)
+
+
 @pytest.mark.parametrize('implementation', ['xla', 'shifted'])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('batch', [3, 16])  # the CPU kernel gradient sums groups of <= 8 images
@@ -406,15 +416,11 @@ def assert_gradient_close(got, expected):
 def test_depthwise_conv_gradients_equal_torch(implementation, padding, batch, k, stride, size):
     rng = np.random.default_rng(k * 100 + stride * 10 + batch)
     channels = 5
-    x, weight, cotangent, y_torch, dx_torch, dw_torch = torch_conv_gradients(
-        rng, batch, size, channels, channels, k, stride, padding, groups=channels)
+    case = torch_conv_gradients(rng, batch, size, channels, channels, k, stride, padding,
+                                groups=channels)
     pads = explicit_padding(padding, k, stride, size)
-    y, vjp = jax.vjp(lambda x, w: depthwise_conv(x, w, stride, pads, implementation),
-                     jnp.asarray(x), jnp.asarray(to_hwio(weight)))
-    dx, dw = vjp(jnp.asarray(cotangent))
-    assert_close(y, y_torch)
-    assert_gradient_close(dx, dx_torch)
-    assert_gradient_close(dw, dw_torch)
+    assert_conv_and_gradients_equal(
+        lambda x, w: depthwise_conv(x, w, stride, pads, implementation), case)
 
 
 def test_unknown_depthwise_implementation_is_refused():
@@ -454,15 +460,9 @@ def test_conv_kernel_gradient_equals_torch(implementation, padding, k, stride, s
 @pytest.mark.parametrize('k,stride,size', DENSE_CASES)
 def test_dense_conv_output_and_gradients_equal_torch(out_ch, padding, k, stride, size):
     rng = np.random.default_rng(out_ch + k * 100 + stride * 10 + size[1])
-    x, weight, cotangent, y_torch, dx_torch, dw_torch = torch_conv_gradients(
-        rng, 3, size, 6, out_ch, k, stride, padding)
+    case = torch_conv_gradients(rng, 3, size, 6, out_ch, k, stride, padding)
     pads = explicit_padding(padding, k, stride, size)
-    y, vjp = jax.vjp(lambda x, w: dense_conv(x, w, stride, pads), jnp.asarray(x),
-                     jnp.asarray(to_hwio(weight)))
-    dx, dw = vjp(jnp.asarray(cotangent))
-    assert_close(y, y_torch)
-    assert_gradient_close(dx, dx_torch)
-    assert_gradient_close(dw, dw_torch)
+    assert_conv_and_gradients_equal(lambda x, w: dense_conv(x, w, stride, pads), case)
 
 
 def test_unknown_kernel_gradient_is_refused():
