@@ -35,6 +35,10 @@ def explicit_padding(padding: str, kernel_size: int, stride: int, spatial_shape)
     raise ValueError(f'padding must be one of {PADDINGS}, got {padding!r}')
 
 
+def _output_hw(x, kernel_size: int, stride: int, pads):
+    return [(x.shape[d] + sum(pads[d - 1]) - kernel_size) // stride + 1 for d in (1, 2)]
+
+
 def _windows(x, kernel_size: int, stride: int, pads, out_hw):
     """The k*k strided windows of the zero-padded input, in float32: one (N, Ho, Wo, C) per tap."""
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(jnp.float32)
@@ -45,9 +49,9 @@ def _windows(x, kernel_size: int, stride: int, pads, out_hw):
 
 def _shifted_depthwise(x, kernel, stride: int, pads):
     k = kernel.shape[0]
-    out_hw = [(x.shape[d] + sum(pads[d - 1]) - k) // stride + 1 for d in (1, 2)]
     w = kernel.reshape(k * k, -1).astype(jnp.float32)
-    return sum(t * w[i] for i, t in enumerate(_windows(x, k, stride, pads, out_hw))).astype(x.dtype)
+    windows = _windows(x, k, stride, pads, _output_hw(x, k, stride, pads))
+    return sum(t * w[i] for i, t in enumerate(windows)).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -109,11 +113,52 @@ def _dense_conv(x, kernel, stride: int, pads):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-# Measured on a 2-core CPU, batch 8 (README, Performance): the im2col kernel gradient is 1.3-3.6x
-# faster than XLA's for the 24->96, 48->192 and 64->256 convs of S, but ~1.5x slower for its
-# 24->24: a narrow matrix product does not pay for writing the k*k windows.
+def _im2col_patches(x, kernel_size: int, stride: int, pads, out_hw):
+    """The k*k strided windows of the padded input side by side: (N, Ho, Wo, k*k, C) float32."""
+    return jnp.stack(_windows(x, kernel_size, stride, pads, out_hw), axis=3)
+
+
+CONV_IMPLEMENTATIONS = ('auto', 'xla', 'im2col')
+# Measured on a 2-core CPU, batch 8 (README, Performance). Forward: im2col is ~4x faster than
+# XLA's for S's 3->24 stem, whose 3 input channels use the vector units poorly, and 1.5-6x slower
+# from 24 input channels on. Kernel gradient: im2col is 1.3-3.6x faster than XLA's for the 24->96,
+# 48->192 and 64->256 convs of S, but ~1.5x slower for its 24->24: a narrow matrix product does
+# not pay for writing the k*k windows.
+IM2COL_MAX_INPUT_FEATURES = 4
 IM2COL_MIN_FEATURES = 64
-CONV_KERNEL_GRADIENTS = ('auto', 'xla', 'im2col')
+
+
+def _im2col_on_cpu_or_xla(implementation, im2col_pays, im2col, xla, *operands):
+    """xla or im2col as `implementation` says; 'auto' is im2col on CPU if `im2col_pays`."""
+    if implementation == 'auto':
+        if not im2col_pays:
+            return xla(*operands)
+        return lax.platform_dependent(*operands, cpu=im2col, default=xla)
+    if implementation == 'im2col':
+        return im2col(*operands)
+    if implementation == 'xla':
+        return xla(*operands)
+    raise ValueError(f'conv implementation must be one of {CONV_IMPLEMENTATIONS}, '
+                     f'got {implementation!r}')
+
+
+def conv_forward(x, kernel, stride: int, pads, implementation: str = 'auto'):
+    """A dense conv: x (N, H, W, C_in), kernel (k, k, C_in, C_out) -> (N, Ho, Wo, C_out).
+
+    'xla' is XLA's convolution; 'im2col' one matrix product of the k*k strided windows
+    (N*Ho*Wo, k*k*C_in) with the kernel (k*k*C_in, C_out); 'auto' picks im2col on CPU for
+    C_in <= IM2COL_MAX_INPUT_FEATURES, else xla.
+    """
+    def im2col(x, kernel):
+        k, c_in, c_out = kernel.shape[0], x.shape[-1], kernel.shape[-1]
+        patches = _im2col_patches(x, k, stride, pads, _output_hw(x, k, stride, pads))
+        patches = patches.astype(x.dtype)
+        return lax.dot_general(patches, kernel.reshape(k * k, c_in, c_out),
+                               (((3, 4), (0, 1)), ((), ())))
+
+    return _im2col_on_cpu_or_xla(
+        implementation, x.shape[-1] <= IM2COL_MAX_INPUT_FEATURES, im2col,
+        lambda x, kernel: _dense_conv(x, kernel, stride, pads), x, kernel)
 
 
 def conv_kernel_gradient(x, g, kernel_size: int, stride: int, pads, implementation: str = 'auto'):
@@ -132,34 +177,25 @@ def conv_kernel_gradient(x, g, kernel_size: int, stride: int, pads, implementati
         return dw.astype(jnp.float32)
 
     def im2col(x, g):
-        patches = jnp.stack(_windows(x, k, stride, pads, g.shape[1:3]), axis=3)
+        patches = _im2col_patches(x, k, stride, pads, g.shape[1:3])
         dw = lax.dot_general(patches.reshape(-1, k * k * c_in),
                              g.reshape(-1, c_out).astype(jnp.float32), (((0,), (0,)), ((), ())))
         return dw.reshape(k, k, c_in, c_out)
 
-    if implementation == 'auto':
-        if c_out < IM2COL_MIN_FEATURES:
-            return xla(x, g)
-        return lax.platform_dependent(x, g, cpu=im2col, default=xla)
-    if implementation == 'im2col':
-        return im2col(x, g)
-    if implementation == 'xla':
-        return xla(x, g)
-    raise ValueError(f'kernel gradient must be one of {CONV_KERNEL_GRADIENTS}, '
-                     f'got {implementation!r}')
+    return _im2col_on_cpu_or_xla(implementation, c_out >= IM2COL_MIN_FEATURES, im2col, xla, x, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def dense_conv(x, kernel, stride: int, pads):
-    """XLA's convolution with the kernel gradient of `conv_kernel_gradient(..., 'auto')`: XLA:CPU's
-    own is 3-7x slower than the forward for the wide convs of the fused blocks.
+    """`conv_forward(..., 'auto')` with the kernel gradient of `conv_kernel_gradient(..., 'auto')`:
+    XLA:CPU's own is 3-7x slower than the forward for the wide convs of the fused blocks.
     x (N, H, W, C_in), kernel (k, k, C_in, C_out), pads ((top, bottom), (left, right))
     -> (N, Ho, Wo, C_out)."""
-    return _dense_conv(x, kernel, stride, pads)
+    return conv_forward(x, kernel, stride, pads)
 
 
 def _dense_conv_fwd(x, kernel, stride, pads):
-    return _dense_conv(x, kernel, stride, pads), (x, kernel)
+    return conv_forward(x, kernel, stride, pads), (x, kernel)
 
 
 def _dense_conv_bwd(stride, pads, residuals, g):

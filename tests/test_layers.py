@@ -21,8 +21,9 @@ import torch.nn.functional as F
 import effnetv2_jax
 from conftest import random_variables
 from convert import torch_reference
-from effnetv2_jax.layers import (IM2COL_MIN_FEATURES, BatchNorm, ConvBNAct, DropPath,
-                                 SqueezeExcite, conv_kernel_gradient, dense_conv, depthwise_conv,
+from effnetv2_jax.layers import (IM2COL_MAX_INPUT_FEATURES, IM2COL_MIN_FEATURES, BatchNorm,
+                                 ConvBNAct, DropPath, SqueezeExcite, conv_forward,
+                                 conv_kernel_gradient, dense_conv, depthwise_conv,
                                  explicit_padding)
 
 # Layer outputs (BatchNorm, ConvBNAct, SqueezeExcite) reach |y| ~ 5..18 here, and the two
@@ -453,25 +454,38 @@ def test_conv_kernel_gradient_equals_torch(implementation, padding, k, stride, s
     assert_gradient_close(dw, dw_torch)
 
 
-# Below IM2COL_MIN_FEATURES outputs 'auto' is XLA's kernel gradient on every platform; from it on,
-# im2col on CPU: both branches, through the custom_vjp.
+@pytest.mark.parametrize('implementation', ['xla', 'im2col'])
+@pytest.mark.parametrize('padding', ['symmetric', 'same'])
+@pytest.mark.parametrize('k,stride,size', DENSE_CASES)
+def test_conv_forward_equals_torch(implementation, padding, k, stride, size):
+    rng = np.random.default_rng(k * 100 + stride * 10 + size[1])
+    x, weight, _, y_torch, _, _ = torch_conv_gradients(rng, 3, size, 3, 8, k, stride, padding)
+    pads = explicit_padding(padding, k, stride, size)
+    assert_close(conv_forward(jnp.asarray(x), jnp.asarray(to_hwio(weight)), stride, pads,
+                              implementation), y_torch)
+
+
+# 'auto' is im2col on CPU from IM2COL_MIN_FEATURES outputs on for the kernel gradient, and up to
+# IM2COL_MAX_INPUT_FEATURES inputs for the forward, XLA's otherwise: every branch, through the
+# custom_vjp.
+@pytest.mark.parametrize('in_ch', [IM2COL_MAX_INPUT_FEATURES, 6])
 @pytest.mark.parametrize('out_ch', [8, IM2COL_MIN_FEATURES])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('k,stride,size', DENSE_CASES)
-def test_dense_conv_output_and_gradients_equal_torch(out_ch, padding, k, stride, size):
-    rng = np.random.default_rng(out_ch + k * 100 + stride * 10 + size[1])
-    case = torch_conv_gradients(rng, 3, size, 6, out_ch, k, stride, padding)
+def test_dense_conv_output_and_gradients_equal_torch(in_ch, out_ch, padding, k, stride, size):
+    rng = np.random.default_rng(in_ch + out_ch + k * 100 + stride * 10 + size[1])
+    case = torch_conv_gradients(rng, 3, size, in_ch, out_ch, k, stride, padding)
     pads = explicit_padding(padding, k, stride, size)
     assert_conv_and_gradients_equal(lambda x, w: dense_conv(x, w, stride, pads), case)
 
 
-def test_unknown_kernel_gradient_is_refused():
-    with pytest.raises(ValueError, match='kernel gradient'):
+def test_unknown_conv_implementation_is_refused():
+    with pytest.raises(ValueError, match='conv implementation'):
         conv_kernel_gradient(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)), 3, 1,
                              ((1, 1), (1, 1)), 'winograd')
 
 
-def test_auto_kernel_gradient_lowers_for_every_platform_without_their_devices():
+def test_auto_dense_conv_and_gradient_lower_for_every_platform_without_their_devices():
     def loss(x, w):
         return dense_conv(x, w, 2, ((0, 1), (0, 1))).sum()
     exported = jax.export.export(jax.jit(jax.grad(loss, argnums=1)),
