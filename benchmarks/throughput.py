@@ -8,11 +8,12 @@ the first result, for inference and a full train step.
 Frameworks: `jax` (this package), `seed` (convert/torch_reference.py, the seed's architecture),
 `torchvision`; a `-cl` suffix runs PyTorch channels_last, `-compile` adds torch.compile. Each runs
 in its own worker process, built and compiled one after another; then the workers take turns,
-`--repeats` rounds of `--steps` steps each, so machine noise hits all alike. Reported: the median
-img/s over rounds; the time from building the step to its first result (compilation included);
-peak memory: on GPU the framework's peak device allocation, on CPU the worker's peak resident set
-(framework runtime included). A train step is forward, backward, SGD with momentum and the
-BatchNorm update, in train mode (dropout, drop path). Writes JSON and markdown to `--output`.
+`--repeats` rounds of one untimed and `--steps` timed steps each, so machine noise hits all alike.
+Reported: the median img/s over rounds; the time from building the step to its first result
+(compilation included); peak memory: on GPU the framework's peak device allocation, on CPU the
+worker's peak resident set (framework runtime included). A train step is forward, backward, SGD
+with momentum and the BatchNorm update, in train mode (dropout, drop path). Writes JSON and
+markdown to `--output`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 PROTOCOL = '@@ '  # worker -> driver lines; anything else a library prints is passed through
+# Settings that change the figures: the workers inherit the driver's, and the command shows them.
+TUNING_VARIABLES = ('GLIBC_TUNABLES', 'XLA_FLAGS', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY',
+                    'LD_PRELOAD')
 FRAMEWORKS = ('jax', 'seed', 'seed-cl', 'seed-compile', 'seed-cl-compile', 'torchvision',
               'torchvision-cl', 'torchvision-cl-compile')
 
@@ -190,6 +194,7 @@ def worker(args) -> None:
     send({'first_result_s': time.perf_counter() - start})
     for command in sys.stdin:
         if command.strip() == 'run':
+            step()  # untimed: the other frameworks' turns leave the memory and caches cold
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
@@ -292,13 +297,17 @@ def markdown(report: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces this run, with the TUNING_VARIABLES that are set."""
+    settings = [f'{k}={os.environ[k]}' for k in TUNING_VARIABLES if k in os.environ]
+    return ' '.join([*settings, 'python -m benchmarks.throughput', *argv])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    command = 'python -m benchmarks.throughput ' + ' '.join(argv if argv is not None
-                                                              else sys.argv[1:])
-    report = {'command': command, 'machine': machine(args.device),
+    report = {'command': command_line(argv if argv is not None else sys.argv[1:]), 'machine': machine(args.device),
               'config': {k: v for k, v in vars(args).items()
                          if k not in ('worker', 'mode', 'output')}, 'results': []}
     for mode in args.modes:

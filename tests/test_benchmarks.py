@@ -28,6 +28,16 @@ def test_throughput_benchmark_writes_json_and_markdown_for_every_framework(tmp_p
     assert '| infer | jax |' in table and '| infer | seed-cl |' in table
 
 
+def test_throughput_command_shows_the_settings_that_change_the_figures(monkeypatch):
+    from benchmarks.throughput import TUNING_VARIABLES, command_line
+    for name in TUNING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=1')
+    monkeypatch.setenv('UNRELATED_VARIABLE', '1')
+    assert command_line(['--variant', 's']) == (
+        'GLIBC_TUNABLES=glibc.malloc.arena_max=1 python -m benchmarks.throughput --variant s')
+
+
 def test_scaling_benchmark_measures_only_the_batches_a_device_count_divides(tmp_path):
     output = tmp_path / 'scaling'
     subprocess.run([sys.executable, '-m', 'benchmarks.scaling', '--variant', 'b0',
