@@ -307,7 +307,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    report = {'command': command_line(argv if argv is not None else sys.argv[1:]), 'machine': machine(args.device),
+    report = {'command': command_line(argv if argv is not None else sys.argv[1:]),
+              'machine': machine(args.device),
               'config': {k: v for k, v in vars(args).items()
                          if k not in ('worker', 'mode', 'output')}, 'results': []}
     for mode in args.modes:
