@@ -86,6 +86,19 @@ def _shifted_depthwise_bwd(stride, pads, residuals, g):
 shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
+def _xla_or_cpu_path(implementation, what, operands, xla, cpu, cpu_name, cpu_pays=True):
+    """`xla(*operands)` or the CPU path `cpu(*operands)`, as `implementation` says: 'xla',
+    `cpu_name`, or 'auto': the CPU path when compiled for CPU if `cpu_pays`, else xla."""
+    if implementation == 'auto' and cpu_pays:
+        return lax.platform_dependent(*operands, cpu=cpu, default=xla)
+    if implementation in ('auto', 'xla'):
+        return xla(*operands)
+    if implementation == cpu_name:
+        return cpu(*operands)
+    raise ValueError(f"{what} implementation must be one of {('auto', 'xla', cpu_name)}, "
+                     f"got {implementation!r}")
+
+
 def depthwise_conv(x, kernel, stride: int, pads, implementation: str = 'auto'):
     """x (N, H, W, C), kernel (k, k, 1, C) -> (N, Ho, Wo, C); `implementation` is one of
     DEPTHWISE_IMPLEMENTATIONS ('auto' picks per backend when compiled, also inside jax.export
@@ -98,14 +111,7 @@ def depthwise_conv(x, kernel, stride: int, pads, implementation: str = 'auto'):
     def shifted(x, kernel):
         return shifted_depthwise_conv(x, kernel, stride, pads)
 
-    if implementation == 'auto':
-        return lax.platform_dependent(x, kernel, cpu=shifted, default=grouped)
-    if implementation == 'shifted':
-        return shifted(x, kernel)
-    if implementation == 'xla':
-        return grouped(x, kernel)
-    raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLEMENTATIONS}, '
-                     f'got {implementation!r}')
+    return _xla_or_cpu_path(implementation, 'depthwise', (x, kernel), grouped, shifted, 'shifted')
 
 
 def _dense_conv(x, kernel, stride: int, pads):
@@ -128,20 +134,6 @@ IM2COL_MAX_INPUT_FEATURES = 4
 IM2COL_MIN_FEATURES = 64
 
 
-def _im2col_on_cpu_or_xla(implementation, im2col_pays, im2col, xla, *operands):
-    """xla or im2col as `implementation` says; 'auto' is im2col on CPU if `im2col_pays`."""
-    if implementation == 'auto':
-        if not im2col_pays:
-            return xla(*operands)
-        return lax.platform_dependent(*operands, cpu=im2col, default=xla)
-    if implementation == 'im2col':
-        return im2col(*operands)
-    if implementation == 'xla':
-        return xla(*operands)
-    raise ValueError(f'conv implementation must be one of {CONV_IMPLEMENTATIONS}, '
-                     f'got {implementation!r}')
-
-
 def conv_forward(x, kernel, stride: int, pads, implementation: str = 'auto'):
     """A dense conv: x (N, H, W, C_in), kernel (k, k, C_in, C_out) -> (N, Ho, Wo, C_out).
 
@@ -156,9 +148,11 @@ def conv_forward(x, kernel, stride: int, pads, implementation: str = 'auto'):
         return lax.dot_general(patches, kernel.reshape(k * k, c_in, c_out),
                                (((3, 4), (0, 1)), ((), ())))
 
-    return _im2col_on_cpu_or_xla(
-        implementation, x.shape[-1] <= IM2COL_MAX_INPUT_FEATURES, im2col,
-        lambda x, kernel: _dense_conv(x, kernel, stride, pads), x, kernel)
+    def xla(x, kernel):
+        return _dense_conv(x, kernel, stride, pads)
+
+    return _xla_or_cpu_path(implementation, 'conv', (x, kernel), xla, im2col, 'im2col',
+                            cpu_pays=x.shape[-1] <= IM2COL_MAX_INPUT_FEATURES)
 
 
 def conv_kernel_gradient(x, g, kernel_size: int, stride: int, pads, implementation: str = 'auto'):
@@ -182,7 +176,8 @@ def conv_kernel_gradient(x, g, kernel_size: int, stride: int, pads, implementati
                              g.reshape(-1, c_out).astype(jnp.float32), (((0,), (0,)), ((), ())))
         return dw.reshape(k, k, c_in, c_out)
 
-    return _im2col_on_cpu_or_xla(implementation, c_out >= IM2COL_MIN_FEATURES, im2col, xla, x, g)
+    return _xla_or_cpu_path(implementation, 'conv', (x, g), xla, im2col, 'im2col',
+                            cpu_pays=c_out >= IM2COL_MIN_FEATURES)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
