@@ -28,7 +28,7 @@ from convert import layouts
 def random_weights(variant: str, path: Path) -> dict:
     """Weights file of `variant` (seed layout's metadata) with random values; returns its spec."""
     model = effnetv2_jax.create_model(variant)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    shapes = effnetv2_jax.model.abstract_variables(model)
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.0, s.shape).astype(s.dtype), shapes)
     spec = layouts.preprocessing('seed', effnetv2_jax.get_variant(variant), 'symmetric')

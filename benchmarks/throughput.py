@@ -96,7 +96,8 @@ def random_variables(model, rng):
     initialisers compiles for tens of seconds on CPU and is not what is measured."""
     import jax
     import jax.numpy as jnp
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    from effnetv2_jax.model import abstract_variables
+    shapes = abstract_variables(model)
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), s.dtype), shapes)
 
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from effnetv2_jax.configs import VARIANTS, Variant
-from effnetv2_jax.model import create_model
+from effnetv2_jax.model import abstract_variables, create_model
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
 LAYOUTS = ('seed', 'torchvision', 'timm')
@@ -136,8 +134,7 @@ def flax_to_torch_array(array: np.ndarray, kind: str) -> np.ndarray:
 
 def torch_shapes(variant: Variant, layout: str, num_classes: int) -> dict[str, tuple[int, ...]]:
     """The state_dict shapes (without num_batches_tracked) the Flax model implies, in order."""
-    model = create_model(variant.name, num_classes)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    abstract = abstract_variables(create_model(variant.name, num_classes))
     shapes = {}
     for e in entries(variant, layout, with_classifier=num_classes > 0):
         leaf = abstract[e.collection]

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from effnetv2_jax.files import atomic_write, first_line
 
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'ema_state_dict')
 MODEL_KEYS = ('state_dict', 'model', 'model_state_dict', 'net', 'params')
@@ -34,7 +35,7 @@ def _load_raw(path: Path):
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-            raise CheckpointError(f'{path}: not a readable safetensors file ({_first_line(e)})')
+            raise CheckpointError(f'{path}: not a readable safetensors file ({first_line(e)})')
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols on stderr
             warnings.simplefilter('ignore')
@@ -47,7 +48,7 @@ def _load_raw(path: Path):
         raise CheckpointError(f'{path}: not a PyTorch checkpoint (unreadable pickle data)')
     except Exception as e:  # noqa: BLE001 - any failure to parse is the file's fault
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint, or truncated '
-                              f'({_first_line(e)})')
+                              f'({first_line(e)})')
 
 
 def _pickle_imports_objects(path: Path) -> bool:
@@ -58,11 +59,6 @@ def _pickle_imports_objects(path: Path) -> bool:
                        for op, _, _ in pickletools.genops(f))
     except Exception:  # noqa: BLE001 - not a well-formed pickle: nothing was imported
         return False
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[str, np.ndarray], str]:
@@ -107,16 +103,11 @@ def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray])
     import torch
     path = Path(path)
     tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
+
+    def write(tmp: Path):
         if path.suffix == '.safetensors':
             from safetensors.torch import save_file
             save_file(tensors, tmp)
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)

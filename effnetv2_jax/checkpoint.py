@@ -1,15 +1,13 @@
 """The converted-weights file: Flax variables plus the metadata needed to rebuild the model.
 
 Two formats, same content: one Flax msgpack file (`{'variables': ..., 'metadata': ...}`), or an
-Orbax checkpoint directory (`variables/` via Orbax, `metadata.json` beside it). Writes are atomic:
-a temporary sibling is renamed into place, so a failed write never leaves a partial file.
+Orbax checkpoint directory (`variables/` via Orbax, `metadata.json` beside it). Writes are atomic
+(`files.atomic_write`): a failed write never leaves a partial file.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from effnetv2_jax.files import atomic_write, atomic_write_bytes
 from effnetv2_jax.model import EfficientNetV2, create_model
 
 FORMAT_VERSION = 1
@@ -39,30 +38,17 @@ def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str 
         raise ValueError(f'metadata lacks {missing}')
     metadata = {'format_version': FORMAT_VERSION, **metadata}
     variables = jax.tree.map(np.asarray, {k: variables[k] for k in ('params', 'batch_stats')})
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == 'msgpack':
-        data = serialization.msgpack_serialize({'variables': variables, 'metadata': metadata})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, serialization.msgpack_serialize(
+            {'variables': variables, 'metadata': metadata}))
     elif fmt == 'orbax':
         import orbax.checkpoint as ocp
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
-        try:
+
+        def write(tmp: Path):
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(tmp.absolute() / 'variables', variables)
             (tmp / 'metadata.json').write_text(json.dumps(metadata, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_write(path, write, directory=True, replace_directory=True)
     else:
         raise ValueError(f"format must be 'msgpack' or 'orbax', got {fmt!r}")
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 from flax.errors import FlaxError
 
 from effnetv2_jax import checkpoint, configs
+from effnetv2_jax.files import atomic_write_bytes, first_line
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export accepts any string; these lower & run
 
@@ -52,26 +51,6 @@ def export(model, variables, image_size: int, *, batch_size: int | None = None,
     batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     return jax.export.export(jax.jit(forward), platforms=platforms)(images)
-
-
-def write_atomically(files: dict[Path, bytes | bytearray]):
-    """Writes every file to a temporary sibling first, then renames them all into place."""
-    temps = {}
-    try:
-        for path, data in files.items():
-            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
-                                               suffix='.tmp')
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def main(argv=None) -> int:
@@ -107,8 +86,8 @@ def main(argv=None) -> int:
         info = {**metadata, 'input_shape': [args.batch_size, size, size, 3],
                 'input_dtype': 'float32', 'output': 'logits' if model.num_classes else 'features',
                 'platforms': list(exported.platforms)}
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically({output: data, sidecar: json.dumps(info, indent=2).encode()})
+        atomic_write_bytes(output, data)
+        atomic_write_bytes(sidecar, json.dumps(info, indent=2).encode())
     except (OSError, ValueError) as e:  # unreadable or invalid weights, bad flags, unwritable -o
         print(f'error: {first_line(e)}', file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from effnetv2_jax.configs import VARIANTS, Variant, get_variant
@@ -164,3 +165,12 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
     kwargs = {'dropout_rate': variant.dropout_rate, 'drop_path_rate': variant.drop_path_rate}
     kwargs.update(overrides)
     return EfficientNetV2(variant, num_classes=num_classes, **kwargs)
+
+
+def abstract_variables(model: nn.Module, image_size: int = 32) -> dict:
+    """`model`'s variables as `jax.ShapeDtypeStruct`s, without running its initialisers.
+
+    Shapes do not depend on `image_size` (>= 32 for every variant's strides); float32 input.
+    """
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)

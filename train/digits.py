@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from effnetv2_jax.files import atomic_write
 
 SPLITS = (('val', 0.15), ('test', 0.15))  # the rest is train
 SIZE = 32
@@ -33,21 +33,15 @@ def materialize_digits(root: str) -> str:
 
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp', dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+
+    def write(tmp):
+        counts = _write_splits(str(tmp), images, digits.target)
+        (tmp / MARKER).write_text(json.dumps(counts))
     try:
-        counts = _write_splits(tmp, images, digits.target)
-        with open(os.path.join(tmp, MARKER), 'w') as f:
-            json.dump(counts, f)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not os.path.isfile(os.path.join(root, MARKER)):  # not a concurrent caller's
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(root, write, directory=True)
+    except OSError:
+        if not os.path.isfile(os.path.join(root, MARKER)):  # not a concurrent caller's
+            raise
     return root
 
 
