@@ -26,12 +26,12 @@ from convert import layouts
 
 
 def random_weights(variant: str, path: Path) -> dict:
-    """Weights file of `variant` (seed layout's metadata) with random values; returns its spec."""
+    """Weights file of `variant` (wzmiaomiao layout's metadata) with random values; returns its spec."""
     model = effnetv2_jax.create_model(variant)
     shapes = effnetv2_jax.model.abstract_variables(model)
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.0, s.shape).astype(s.dtype), shapes)
-    spec = layouts.preprocessing('seed', effnetv2_jax.get_variant(variant), 'symmetric')
+    spec = layouts.WZMIAOMIAO.preprocessing(effnetv2_jax.get_variant(variant), 'symmetric')
     effnetv2_jax.save(path, variables, {'variant': variant, 'num_classes': 1000,
                                         'padding': 'symmetric', 'bn_eps': 1e-3,
                                         'preprocessing': spec})

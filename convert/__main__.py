@@ -16,23 +16,32 @@ EXAMPLES = """examples:
   python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
   python -m convert ckpt.pth --ema --verify -o s_ema.msgpack
   python -m convert tf_efficientnetv2_b0.safetensors --format orbax
-  python -m convert --to-torch weights.msgpack --layout seed -o model.pth
+  python -m convert --to-torch weights.msgpack --layout wzmiaomiao -o model.pth
 """
+
+
+def layout_name(name: str) -> str:
+    """The canonical name of a layout name or alias (argparse type)."""
+    try:
+        return layouts.get_layout(name).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog='python -m convert', epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Convert EfficientNetV2 weights between PyTorch (seed model.py, torchvision, '
-                    'timm) and Flax (effnetv2_jax).')
+        description='Convert EfficientNetV2 weights between PyTorch (WZMIAOMIAO model.py, '
+                    'torchvision, timm) and Flax (effnetv2_jax).')
     p.add_argument('input', type=Path, help='.pth/.pt/.bin/.safetensors (or, with --to-torch, '
                    'a file written by this converter)')
     p.add_argument('-o', '--output', type=Path, help='output path (default: beside the input)')
     p.add_argument('--to-torch', action='store_true', help='convert Flax weights to a PyTorch '
                    'state_dict in --layout (.safetensors by suffix, else torch.save)')
-    p.add_argument('--layout', choices=layouts.LAYOUTS,
-                   help='source layout (default: detected); with --to-torch, the target layout')
+    p.add_argument('--layout', type=layout_name, metavar='{' + ','.join(layouts.NAMES) + '}',
+                   help='source layout (default: detected); with --to-torch, the target layout '
+                   '(seed is an alias of wzmiaomiao)')
     p.add_argument('--variant', help='s, m, l, xl, b0..b3 (default: detected from shapes)')
     p.add_argument('--padding', choices=('symmetric', 'same'), help="default: 'same' for timm "
                    "(its pretrained EfficientNetV2 weights are tf_*), else 'symmetric'")
@@ -48,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='allowed max |Δ logit| / max |logit| (default 1e-5)')
     args = p.parse_args(argv)
     if args.to_torch and args.layout is None:
-        p.error('--to-torch needs --layout seed|torchvision|timm')
+        p.error(f'--to-torch needs --layout {"|".join(layouts.NAMES)}')
     return args
 
 
@@ -63,7 +72,7 @@ def run_verify(layout, metadata, state_dict, variables, size, tolerance) -> bool
     from convert import verify
     tolerance = verify.TOLERANCE if tolerance is None else tolerance
     flax_model = effnetv2_jax.checkpoint.build_model(metadata)
-    torch_module = verify.torch_model(layout, metadata, state_dict)
+    torch_module = verify.torch_model(layouts.get_layout(layout), metadata, state_dict)
     result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
     ok = result.relative <= tolerance and result.same_top1
     print(f'verify ({layout} PyTorch vs Flax, 2 random {size}x{size} images): max |Δ logit| '
@@ -90,9 +99,10 @@ def main(argv=None) -> int:
                 raise CheckpointError(str(e).splitlines()[0]) from None
             layout, where = args.layout, 'Flax weights'
             state_dict = converter.flax_to_torch(variables, metadata, layout)
-            if metadata['padding'] == 'same' and layout != 'timm':
-                print(f"warning: these weights expect TF 'same' padding; {layout}'s model pads "
-                      'symmetrically, so its outputs will differ (timm tf_* pads the same way)')
+            family = layouts.get_layout(layout).family(metadata['padding'])
+            if family.padding != metadata['padding']:
+                print(f"warning: these weights expect {metadata['padding']!r} padding; {layout}'s "
+                      f'models pad {family.padding!r}, so their outputs will differ')
         else:
             state_dict, where = torch_io.read_state_dict(args.input, ema=args.ema)
             variables, metadata = converter.torch_to_flax(

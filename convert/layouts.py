@@ -1,138 +1,328 @@
-"""Name tables between the Flax variable tree and the three PyTorch state_dict layouts.
+"""The PyTorch layouts of EfficientNetV2 weights, one `Layout` each, in one registry.
 
-A `Entry` pairs one Flax leaf with one torch tensor and says how the array is laid out. The tables
-are generated from the variant config, so every variant works in every layout; torch-free.
+A layout is everything the converter needs to know about one PyTorch source: how its
+state_dicts are recognised, the name of every module in them, the padding and BatchNorm epsilon
+its models use, the eval transform each of its weight sets expects, and which PyTorch model reads
+them (for `--verify`). A new source is one more `Layout` here. Torch-free: torch is imported only
+when a layout builds its PyTorch model.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from effnetv2_jax.configs import VARIANTS, Variant
+from effnetv2_jax.configs import VARIANTS, Stage, Variant
 from effnetv2_jax.model import abstract_variables, create_model
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
-LAYOUTS = ('seed', 'torchvision', 'timm')
 
-# A key only this layout has, used to recognise it.
-SIGNATURE_KEYS = {'seed': 'stem.conv.weight', 'torchvision': 'features.0.0.weight',
-                  'timm': 'conv_stem.weight'}
-CLASSIFIER_KEYS = {'seed': 'head.classifier.weight', 'torchvision': 'classifier.1.weight',
-                   'timm': 'classifier.weight'}
+# --- the module kinds a state_dict is made of ------------------------------------------------
 
-_TIMM_B_CROP_PCT = {'b0': 0.875, 'b1': 0.882, 'b2': 0.890}
-_TIMM_SYMMETRIC_SIZE = {'m': 416}  # timm's test size for efficientnetv2_m; else the eval size
+class ConvBN(NamedTuple):
+    """A bias-free conv followed by a BatchNorm2d (Flax: `<path>/conv`, `<path>/bn`)."""
+    conv: str
+    bn: str
+
+
+class BiasedConv(NamedTuple):
+    """A 1x1 conv with bias: squeeze-excite's reduce and expand (Flax: `<path>/{kernel,bias}`)."""
+    name: str
+
+
+class Linear(NamedTuple):
+    """The classifier (Flax: `classifier/{kernel,bias}`)."""
+    name: str
+
+
+TorchModule = ConvBN | BiasedConv | Linear
+
+
+# --- the eval transform of a set of weights ----------------------------------------------------
+
+class Preprocessing(NamedTuple):
+    """An eval transform. 'shorter' resizes the short side to size / crop_pct and center-crops
+    `size`; 'squash' resizes both sides to size / crop_pct, ignoring aspect, then crops."""
+    size: Optional[int]  # None: the variant's eval size
+    resize: str
+    crop_pct: float
+    interpolation: str
+    normalisation: dict  # {'mean': [r, g, b], 'std': [r, g, b]}
+
+    def spec(self, variant: Variant) -> dict:
+        """As stored in a weights file's `metadata['preprocessing']`."""
+        return {'size': self.size or variant.eval_size, 'resize': self.resize,
+                'crop_pct': self.crop_pct, 'interpolation': self.interpolation,
+                **self.normalisation}
+
+
+class Family(NamedTuple):
+    """The PyTorch models of one layout that share a padding: what `--verify` runs.
+
+    `preprocessing` maps a variant name, or (variant name, number of classes) where one
+    checkpoint of the family differs by its classes, to the eval transform of its published
+    weights; `default_preprocessing` covers the rest.
+    """
+    padding: str  # 'symmetric' (PyTorch) or 'same' (TensorFlow's SAME)
+    variants: tuple[str, ...]
+    build: Callable  # (variant name, num_classes, bn_eps) -> torch.nn.Module
+    default_preprocessing: Preprocessing
+    preprocessing: dict = {}
+
+
+class Layout(NamedTuple):
+    """One PyTorch source of EfficientNetV2 weights; see the module docstring."""
+    name: str
+    aliases: tuple[str, ...]
+    source: str  # where its models are defined, for messages and docs
+    signature_key: str  # a state_dict key that only this layout has
+    stem: ConvBN
+    head: ConvBN
+    classifier: Linear
+    # (stage, stage index, block index in the stage, block index in the network) -> the torch
+    # modules of one block, in the order of `block_parts`
+    block_modules: Callable[[Stage, int, int, int], list[TorchModule]]
+    families: tuple[Family, ...]  # the first is the default
+    bn_eps: float = 1e-3
+
+    @property
+    def padding(self) -> str:
+        """The padding assumed for this layout's weights unless told otherwise."""
+        return self.families[0].padding
+
+    def family(self, padding: str) -> Family:
+        """The family with `padding`, else the default one (whose models then pad otherwise)."""
+        return next((f for f in self.families if f.padding == padding), self.families[0])
+
+    def preprocessing(self, variant: Variant, padding: str, num_classes: int = 1000) -> dict:
+        """The eval transform the weights of `variant` expect, as a metadata spec."""
+        family = self.family(padding)
+        table = family.preprocessing
+        found = table.get((variant.name, num_classes)) or table.get(variant.name)
+        return (found or family.default_preprocessing).spec(variant)
+
+    def torch_model(self, variant: str, num_classes: int, padding: str, bn_eps: float):
+        """The PyTorch model of the family with `padding` (the default family for a padding none
+        has), in eval mode, with random weights; ValueError when it has no such variant."""
+        family = self.family(padding)
+        if variant not in family.variants:
+            raise ValueError(f'{self.source} has no EfficientNetV2-{variant.upper()}')
+        return family.build(variant, num_classes, bn_eps).eval()
+
+
+# --- the three layouts -------------------------------------------------------------------------
+
+def block_parts(stage: Stage) -> list[str]:
+    """Flax paths (below `blocks_<i>`) of a block's weight-bearing modules, in order."""
+    if stage.block == 'fused':
+        return ['project_conv'] if stage.expansion == 1 else ['expand_conv', 'project_conv']
+    return (['expand_conv', 'dwconv'] + (['se/conv_reduce', 'se/conv_expand'] if stage.se_ratio
+                                          else []) + ['project_conv'])
+
+
+def _wzmiaomiao_block(stage: Stage, s: int, j: int, g: int) -> list[TorchModule]:
+    return [BiasedConv(f'blocks.{g}.{part.replace("/", ".")}') if part.startswith('se/')
+            else ConvBN(f'blocks.{g}.{part}.conv', f'blocks.{g}.{part}.bn')
+            for part in block_parts(stage)]
+
+
+def _torchvision_block(stage: Stage, s: int, j: int, g: int) -> list[TorchModule]:
+    prefix = f'features.{s + 1}.{j}.block'
+    if stage.block == 'fused':
+        return [ConvBN(f'{prefix}.{i}.0', f'{prefix}.{i}.1')
+                for i in range(len(block_parts(stage)))]
+    se = [BiasedConv(f'{prefix}.2.fc1'), BiasedConv(f'{prefix}.2.fc2')] if stage.se_ratio else []
+    project = 3 if stage.se_ratio else 2
+    return ([ConvBN(f'{prefix}.0.0', f'{prefix}.0.1'), ConvBN(f'{prefix}.1.0', f'{prefix}.1.1')]
+            + se + [ConvBN(f'{prefix}.{project}.0', f'{prefix}.{project}.1')])
+
+
+def _timm_block(stage: Stage, s: int, j: int, g: int) -> list[TorchModule]:
+    prefix = f'blocks.{s}.{j}'
+    if stage.block == 'fused' and stage.expansion == 1:
+        return [ConvBN(f'{prefix}.conv', f'{prefix}.bn1')]
+    if stage.block == 'fused':
+        return [ConvBN(f'{prefix}.conv_exp', f'{prefix}.bn1'),
+                ConvBN(f'{prefix}.conv_pwl', f'{prefix}.bn2')]
+    se = ([BiasedConv(f'{prefix}.se.conv_reduce'), BiasedConv(f'{prefix}.se.conv_expand')]
+          if stage.se_ratio else [])
+    return ([ConvBN(f'{prefix}.conv_pw', f'{prefix}.bn1'),
+             ConvBN(f'{prefix}.conv_dw', f'{prefix}.bn2')]
+            + se + [ConvBN(f'{prefix}.conv_pwl', f'{prefix}.bn3')])
+
+
+def _build_reference(variant: str, num_classes: int, bn_eps: float):
+    from convert import torch_reference
+    return torch_reference.create(variant, num_classes)  # the model.py's own eps, 1e-3
+
+
+def _build_torchvision(variant: str, num_classes: int, bn_eps: float):
+    import torchvision
+    return getattr(torchvision.models, f'efficientnet_v2_{variant}')(num_classes=num_classes)
+
+
+def _timm_builder(prefix: str) -> Callable:
+    def build(variant: str, num_classes: int, bn_eps: float):
+        try:
+            import timm
+            import torch
+        except ImportError:
+            raise ValueError('verifying timm weights needs timm: pip install timm') from None
+        model = timm.create_model(f'{prefix}efficientnetv2_{variant}', pretrained=False,
+                                  num_classes=num_classes)
+        for module in model.modules():  # timm's models take their eps from the weights' source
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eps = bn_eps
+        return model
+    return build
+
+
+def _shorter(size, interpolation, normalisation, crop_pct=1.0) -> Preprocessing:
+    return Preprocessing(size, 'shorter', crop_pct, interpolation, normalisation)
+
+
+def _squash(size, interpolation, normalisation, crop_pct=1.0) -> Preprocessing:
+    return Preprocessing(size, 'squash', crop_pct, interpolation, normalisation)
+
+
+ALL_VARIANTS = tuple(VARIANTS)
+HALF, IMAGENET = HALF_NORMALISATION, IMAGENET_NORMALISATION
+
+WZMIAOMIAO = Layout(
+    name='wzmiaomiao', aliases=('seed',),
+    source="WZMIAOMIAO's model.py (deep-learning-for-image-processing, Test11_efficientnetV2)",
+    signature_key='stem.conv.weight',
+    stem=ConvBN('stem.conv', 'stem.bn'),
+    head=ConvBN('head.project_conv.conv', 'head.project_conv.bn'),
+    classifier=Linear('head.classifier'),
+    block_modules=_wzmiaomiao_block,
+    # Its predict.py: short side to the eval size, bilinear, mean = std = 0.5.
+    families=(Family('symmetric', ALL_VARIANTS, _build_reference,
+                     default_preprocessing=_shorter(None, 'bilinear', HALF)),))
+
+TORCHVISION = Layout(
+    name='torchvision', aliases=(), source='torchvision.models.efficientnet_v2_*',
+    signature_key='features.0.0.weight',
+    stem=ConvBN('features.0.0', 'features.0.1'),
+    head=ConvBN('features.{last}.0', 'features.{last}.1'),  # {last}: the stage count + 1
+    classifier=Linear('classifier.1'),
+    block_modules=_torchvision_block,
+    # Its weights' `transforms()`.
+    families=(Family('symmetric', ('s', 'm', 'l'), _build_torchvision,
+                     default_preprocessing=_shorter(None, 'bilinear', IMAGENET),
+                     preprocessing={'l': _shorter(480, 'bicubic', HALF)}),))
+
+TIMM = Layout(
+    name='timm', aliases=(), source='timm (tf_efficientnetv2_*, efficientnetv2_*)',
+    signature_key='conv_stem.weight',
+    stem=ConvBN('conv_stem', 'bn1'),
+    head=ConvBN('conv_head', 'bn2'),
+    classifier=Linear('classifier'),
+    block_modules=_timm_block,
+    # The pretrained config of each model's default tag, at its test size. timm's pretrained
+    # EfficientNetV2 weights are the tf_* ones (ported from TensorFlow: 'same' padding).
+    families=(
+        Family('same', ALL_VARIANTS, _timm_builder('tf_'),
+               default_preprocessing=_shorter(None, 'bicubic', HALF),
+               preprocessing={
+                   'm': _squash(None, 'bicubic', HALF), 'l': _squash(None, 'bicubic', HALF),
+                   'xl': _squash(None, 'bicubic', HALF),
+                   'b0': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.875),
+                   'b1': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.882),
+                   'b2': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.890),
+                   'b3': _squash(300, 'bicubic', HALF, crop_pct=0.9),  # in21k_ft_in1k
+                   ('b3', 21843): _shorter(300, 'bicubic', HALF, crop_pct=0.904),  # in21k
+               }),
+        Family('symmetric', ('s', 'm', 'l', 'xl'), _timm_builder(''),
+               default_preprocessing=_shorter(None, 'bicubic', IMAGENET),
+               preprocessing={'m': _shorter(416, 'bicubic', IMAGENET)}),
+    ))
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (WZMIAOMIAO, TORCHVISION, TIMM)}
+NAMES = tuple(LAYOUTS)
+_BY_NAME = {name: layout for layout in LAYOUTS.values()
+            for name in (layout.name, *layout.aliases)}
+
+
+def get_layout(name: str) -> Layout:
+    """The layout called `name` or one of its aliases; ValueError naming the choices."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f'unknown layout {name!r}; one of {", ".join(NAMES)}') from None
+
+
+def detect_layout(keys: Iterable[str]) -> Layout:
+    """The layout whose signature key is among `keys`; ValueError when none is."""
+    keys = set(keys)
+    found = [layout for layout in LAYOUTS.values() if layout.signature_key in keys]
+    if len(found) != 1:
+        raise ValueError('not an EfficientNetV2 state_dict: none of the stem keys '
+                         f'{sorted(layout.signature_key for layout in LAYOUTS.values())} is '
+                         'present')
+    return found[0]
+
+
+# --- the tensor-by-tensor table ----------------------------------------------------------------
+
+# torch axes -> Flax axes: OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); (out, in) -> (in, out)
+CONV_AXES, LINEAR_AXES, VECTOR_AXES = (2, 3, 1, 0), (1, 0), (0,)
 
 
 class Entry(NamedTuple):
+    """One Flax leaf and the torch tensor it is, with the transpose between them."""
     collection: str  # 'params' or 'batch_stats'
-    flax_path: tuple[str, ...]  # path below the collection
+    flax_path: tuple[str, ...]  # below the collection
     torch_key: str
-    kind: str  # 'conv' (OIHW <-> HWIO), 'linear' ((out, in) <-> (in, out)) or 'vector'
+    axes: tuple[int, ...]  # torch_array.transpose(axes) is the Flax array
 
 
-def _module_names(variant: Variant, layout: str) -> Iterator[tuple[tuple[str, ...], str, str]]:
-    """Yields (flax module path, module type, torch prefix) for every weight-bearing module.
-
-    Module type 'convbn' has torch children `<conv>` and `<bn>`, given as 'conv|bn' prefixes.
-    """
-    num_stages = len(variant.stages)
-    if layout == 'seed':
-        yield ('stem',), 'convbn', 'stem.conv|stem.bn'
-    elif layout == 'timm':
-        yield ('stem',), 'convbn', 'conv_stem|bn1'
-    else:
-        yield ('stem',), 'convbn', 'features.0.0|features.0.1'
-
+def _modules(variant: Variant, layout: Layout) -> Iterator[tuple[tuple[str, ...], TorchModule]]:
+    """(Flax module path, torch module) of every weight-bearing module, in state_dict order."""
+    yield ('stem',), layout.stem
     g = 0
     for s, stage in enumerate(variant.stages):
         for j in range(stage.repeats):
-            parts = _block_parts(stage)
-            names = {'seed': _seed_block_names, 'torchvision': _torchvision_block_names,
-                     'timm': _timm_block_names}[layout](stage, g, s, j)
-            for (part, kind), name in zip(parts, names):
-                yield (f'blocks_{g}', *part.split('/')), kind, name
+            for part, module in zip(block_parts(stage), layout.block_modules(stage, s, j, g),
+                                    strict=True):
+                yield (f'blocks_{g}', *part.split('/')), module
             g += 1
-
-    yield ('head_conv',), 'convbn', {
-        'seed': 'head.project_conv.conv|head.project_conv.bn', 'timm': 'conv_head|bn2',
-        'torchvision': f'features.{num_stages + 1}.0|features.{num_stages + 1}.1'}[layout]
-    yield ('classifier',), 'linear', CLASSIFIER_KEYS[layout].removesuffix('.weight')
+    last = str(len(variant.stages) + 1)
+    yield ('head_conv',), ConvBN(*(name.replace('{last}', last) for name in layout.head))
+    yield ('classifier',), layout.classifier
 
 
-def _block_parts(stage) -> list[tuple[str, str]]:
-    """(Flax path inside the block, module type) of a block's weight-bearing modules, in order."""
-    if stage.block == 'fused':
-        if stage.expansion == 1:
-            return [('project_conv', 'convbn')]
-        return [('expand_conv', 'convbn'), ('project_conv', 'convbn')]
-    se = [('se/conv_reduce', 'conv_bias'), ('se/conv_expand', 'conv_bias')]
-    return ([('expand_conv', 'convbn'), ('dwconv', 'convbn')] + (se if stage.se_ratio else [])
-            + [('project_conv', 'convbn')])
-
-
-def _seed_block_names(stage, g, s, j):
-    return [f'blocks.{g}.{p}.conv|blocks.{g}.{p}.bn' if kind == 'convbn'
-            else f'blocks.{g}.{p.replace("/", ".")}' for p, kind in _block_parts(stage)]
-
-
-def _torchvision_block_names(stage, g, s, j):
-    prefix = f'features.{s + 1}.{j}.block'
-    if stage.block == 'fused':
-        return [f'{prefix}.{i}.0|{prefix}.{i}.1' for i in range(len(_block_parts(stage)))]
-    se = [f'{prefix}.2.fc1', f'{prefix}.2.fc2'] if stage.se_ratio else []
-    project = 3 if stage.se_ratio else 2
-    return ([f'{prefix}.0.0|{prefix}.0.1', f'{prefix}.1.0|{prefix}.1.1'] + se
-            + [f'{prefix}.{project}.0|{prefix}.{project}.1'])
-
-
-def _timm_block_names(stage, g, s, j):
-    prefix = f'blocks.{s}.{j}'
-    if stage.block == 'fused' and stage.expansion == 1:
-        return [f'{prefix}.conv|{prefix}.bn1']
-    if stage.block == 'fused':
-        return [f'{prefix}.conv_exp|{prefix}.bn1', f'{prefix}.conv_pwl|{prefix}.bn2']
-    se = [f'{prefix}.se.conv_reduce', f'{prefix}.se.conv_expand'] if stage.se_ratio else []
-    return ([f'{prefix}.conv_pw|{prefix}.bn1', f'{prefix}.conv_dw|{prefix}.bn2'] + se
-            + [f'{prefix}.conv_pwl|{prefix}.bn3'])
-
-
-def entries(variant: Variant, layout: str, with_classifier: bool = True) -> list[Entry]:
+def entries(variant: Variant, layout: Layout, with_classifier: bool = True) -> list[Entry]:
     """Every (Flax leaf, torch tensor) pair of `variant` in `layout`, in state_dict order."""
-    if layout not in LAYOUTS:
-        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
     out = []
-    for path, kind, torch_name in _module_names(variant, layout):
-        if kind == 'convbn':
-            conv, bn = torch_name.split('|')
-            out += [Entry('params', (*path, 'conv', 'kernel'), f'{conv}.weight', 'conv'),
-                    Entry('params', (*path, 'bn', 'scale'), f'{bn}.weight', 'vector'),
-                    Entry('params', (*path, 'bn', 'bias'), f'{bn}.bias', 'vector'),
-                    Entry('batch_stats', (*path, 'bn', 'mean'), f'{bn}.running_mean', 'vector'),
-                    Entry('batch_stats', (*path, 'bn', 'var'), f'{bn}.running_var', 'vector')]
-        elif kind == 'conv_bias':
-            out += [Entry('params', (*path, 'kernel'), f'{torch_name}.weight', 'conv'),
-                    Entry('params', (*path, 'bias'), f'{torch_name}.bias', 'vector')]
+    for path, module in _modules(variant, layout):
+        if isinstance(module, ConvBN):
+            conv, bn = module
+            out += [Entry('params', (*path, 'conv', 'kernel'), f'{conv}.weight', CONV_AXES),
+                    Entry('params', (*path, 'bn', 'scale'), f'{bn}.weight', VECTOR_AXES),
+                    Entry('params', (*path, 'bn', 'bias'), f'{bn}.bias', VECTOR_AXES),
+                    Entry('batch_stats', (*path, 'bn', 'mean'), f'{bn}.running_mean',
+                          VECTOR_AXES),
+                    Entry('batch_stats', (*path, 'bn', 'var'), f'{bn}.running_var', VECTOR_AXES)]
+        elif isinstance(module, BiasedConv):
+            out += [Entry('params', (*path, 'kernel'), f'{module.name}.weight', CONV_AXES),
+                    Entry('params', (*path, 'bias'), f'{module.name}.bias', VECTOR_AXES)]
         elif with_classifier:
-            out += [Entry('params', (*path, 'kernel'), f'{torch_name}.weight', 'linear'),
-                    Entry('params', (*path, 'bias'), f'{torch_name}.bias', 'vector')]
+            out += [Entry('params', (*path, 'kernel'), f'{module.name}.weight', LINEAR_AXES),
+                    Entry('params', (*path, 'bias'), f'{module.name}.bias', VECTOR_AXES)]
     return out
 
 
-# torch axes -> Flax axes: OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); (out, in) -> (in, out)
-_TORCH_TO_FLAX_AXES = {'conv': (2, 3, 1, 0), 'linear': (1, 0), 'vector': (0,)}
+def torch_to_flax_array(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    return np.ascontiguousarray(array.transpose(axes))
 
 
-def torch_to_flax_array(array: np.ndarray, kind: str) -> np.ndarray:
-    return np.ascontiguousarray(array.transpose(_TORCH_TO_FLAX_AXES[kind]))
+def flax_to_torch_array(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    return np.ascontiguousarray(array.transpose(np.argsort(axes)))
 
 
-def flax_to_torch_array(array: np.ndarray, kind: str) -> np.ndarray:
-    return np.ascontiguousarray(array.transpose(np.argsort(_TORCH_TO_FLAX_AXES[kind])))
-
-
-def torch_shapes(variant: Variant, layout: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+def torch_shapes(variant: Variant, layout: Layout, num_classes: int) -> dict[str, tuple[int, ...]]:
     """The state_dict shapes (without num_batches_tracked) the Flax model implies, in order."""
     abstract = abstract_variables(create_model(variant.name, num_classes))
     shapes = {}
@@ -140,55 +330,18 @@ def torch_shapes(variant: Variant, layout: str, num_classes: int) -> dict[str, t
         leaf = abstract[e.collection]
         for name in e.flax_path:
             leaf = leaf[name]
-        shapes[e.torch_key] = flax_to_torch_array(np.empty(leaf.shape, np.uint8), e.kind).shape
+        shapes[e.torch_key] = flax_to_torch_array(np.empty(leaf.shape, np.uint8), e.axes).shape
     return shapes
 
 
-def detect_layout(keys) -> str:
-    """The layout whose signature key is present; ValueError when none is."""
-    found = [layout for layout, key in SIGNATURE_KEYS.items() if key in keys]
-    if len(found) != 1:
-        raise ValueError('not an EfficientNetV2 state_dict: none of the stem keys '
-                         f'{sorted(SIGNATURE_KEYS.values())} is present')
-    return found[0]
+def num_classes(state_dict, layout: Layout) -> int:
+    """The classifier's output count; 0 for a state_dict without a classifier."""
+    weight = state_dict.get(f'{layout.classifier.name}.weight')
+    return 0 if weight is None else int(weight.shape[0])
 
 
-def candidate_variants(keys, layout: str, num_classes: int) -> list[Variant]:
-    """Variants whose key set equals `keys` (shapes unchecked), cheapest check first."""
+def candidate_variants(keys, layout: Layout, num_classes: int) -> list[Variant]:
+    """Variants whose key set equals `keys` (shapes unchecked)."""
     keys = set(keys)
     return [v for v in VARIANTS.values()
             if {e.torch_key for e in entries(v, layout, num_classes > 0)} == keys]
-
-
-def preprocessing(layout: str, variant: Variant, padding: str, num_classes: int = 1000) -> dict:
-    """The eval transform the source weights expect: torchvision's `Weights.transforms()`, timm's
-    pretrained config of the model's default tag (`resolve_data_config(use_test_size=True)`),
-    the seed's predict.py. tests/test_predict.py checks these against torchvision and timm.
-
-    'resize': 'shorter' scales the short side to size / crop_pct then center-crops `size`;
-    'squash' scales both sides to size / crop_pct, ignoring aspect, then center-crops.
-    """
-    name = variant.name
-    if layout == 'timm' and padding == 'symmetric':  # efficientnetv2_*: timm's generic config
-        size = _TIMM_SYMMETRIC_SIZE.get(name, variant.eval_size)
-        return _spec(size, 'shorter', 1.0, 'bicubic', IMAGENET_NORMALISATION)
-    if layout == 'timm':  # tf_efficientnetv2_*
-        if name == 'b3':  # B3's default tag is in21k_ft_in1k; 21843 classes: the in21k tag
-            if num_classes == 21843:
-                return _spec(300, 'shorter', 0.904, 'bicubic', HALF_NORMALISATION)
-            return _spec(300, 'squash', 0.9, 'bicubic', HALF_NORMALISATION)
-        if name in _TIMM_B_CROP_PCT:
-            return _spec(variant.eval_size, 'shorter', _TIMM_B_CROP_PCT[name], 'bicubic',
-                         IMAGENET_NORMALISATION)
-        return _spec(variant.eval_size, 'shorter' if name == 's' else 'squash', 1.0, 'bicubic',
-                     HALF_NORMALISATION)
-    if layout == 'torchvision':
-        if name == 'l':
-            return _spec(480, 'shorter', 1.0, 'bicubic', HALF_NORMALISATION)
-        return _spec(variant.eval_size, 'shorter', 1.0, 'bilinear', IMAGENET_NORMALISATION)
-    return _spec(variant.eval_size, 'shorter', 1.0, 'bilinear', HALF_NORMALISATION)
-
-
-def _spec(size: int, resize: str, crop_pct: float, interpolation: str, normalisation) -> dict:
-    return {'size': size, 'resize': resize, 'crop_pct': crop_pct, 'interpolation': interpolation,
-            **normalisation}

@@ -1,4 +1,6 @@
-"""A PyTorch EfficientNetV2 with the seed `model.py`'s module tree and state_dict keys.
+"""Our PyTorch reference: EfficientNetV2 with the module tree and state_dict keys of WZMIAOMIAO's
+`model.py` (github.com/WZMIAOMIAO/deep-learning-for-image-processing,
+pytorch_classification/Test11_efficientnetV2).
 
 Built from the same `Variant` configs as the Flax model, so it covers every variant. Used by the
 converter's `--verify` and `--to-torch` and by the equivalence tests; imports torch.
@@ -108,7 +110,7 @@ class Head(nn.Sequential):
 
 
 class EfficientNetV2(nn.Module):
-    """The seed's EfficientNetV2: `stem`, `blocks.<g>`, `head.{project_conv,classifier}`. NCHW."""
+    """WZMIAOMIAO's EfficientNetV2: `stem`, `blocks.<g>`, `head.{project_conv,classifier}`. NCHW."""
 
     def __init__(self, variant: Variant, num_classes=1000, dropout_rate=None, drop_path_rate=None,
                  bn_eps=1e-3, padding='symmetric'):
@@ -147,7 +149,7 @@ RESIDUAL_BRANCH_GAIN = 0.1  # trained nets have small last-BN gammas (timm zero-
 
 
 def _is_residual_block(module) -> bool:
-    # seed reference / torchvision / timm spell the flag differently
+    # our reference / torchvision / timm spell the flag differently
     return any(getattr(module, flag, False) is True
                for flag in ('has_shortcut', 'use_res_connect', 'has_skip'))
 

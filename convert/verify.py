@@ -5,52 +5,32 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from convert.layouts import Layout
 from convert.torch_io import CheckpointError
 
 TOLERANCE = 1e-5  # max |Δ logit| relative to max |logit|, fp32 on CPU; ports reach ~1e-6
 
 
-def torch_model(layout: str, metadata: dict[str, Any], state_dict: dict[str, np.ndarray]):
+def torch_model(layout: Layout, metadata: dict[str, Any], state_dict: dict[str, np.ndarray]):
     """The PyTorch model that natively reads `layout`, in eval mode, with `state_dict` loaded.
 
-    seed: our reference of the seed architecture (symmetric padding, BN eps 1e-3, as the seed's
-    `model.py`); torchvision: `efficientnet_v2_{s,m,l}` (the same); timm: `tf_efficientnetv2_*`
-    for 'same' padding, else `efficientnetv2_*`, with the metadata's BN eps. Seed and torchvision
-    ignore the metadata's padding and eps on purpose: --verify then shows what flags that depart
-    from those models do to the outputs.
+    The layout's family with the metadata's padding (the default family when it has none with
+    that padding: --verify then shows what a padding flag that departs from the source does to
+    the outputs), with the metadata's BN eps where the family takes one.
     """
     import torch
-    name, num_classes = metadata['variant'], metadata['num_classes']
-    padding, bn_eps = metadata['padding'], metadata['bn_eps']
-    if layout == 'seed':
-        from convert import torch_reference
-        model = torch_reference.create(name, num_classes)
-    elif layout == 'torchvision':
-        if name not in ('s', 'm', 'l'):
-            raise CheckpointError(f'torchvision has no EfficientNetV2-{name.upper()}')
-        import torchvision
-        model = getattr(torchvision.models, f'efficientnet_v2_{name}')(num_classes=num_classes)
-    elif layout == 'timm':
-        try:
-            import timm
-        except ImportError:
-            raise CheckpointError('verifying timm weights needs timm: pip install timm') from None
-        timm_name = f'{"tf_" if padding == "same" else ""}efficientnetv2_{name}'
-        if timm_name not in timm.list_models():
-            raise CheckpointError(f'timm has no {timm_name} to verify against')
-        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.eps = bn_eps
-    else:
-        raise CheckpointError(f'unknown layout {layout!r}')
+    try:
+        model = layout.torch_model(metadata['variant'], metadata['num_classes'],
+                                   metadata['padding'], metadata['bn_eps'])
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]
     if missing or unexpected:
-        raise CheckpointError(f'{layout} model does not take these weights: missing {missing[:5]}'
-                              f', unexpected {unexpected[:5]}')
-    return model.eval()
+        raise CheckpointError(f'{layout.name} model does not take these weights: missing '
+                              f'{missing[:5]}, unexpected {unexpected[:5]}')
+    return model
 
 
 class Comparison(NamedTuple):

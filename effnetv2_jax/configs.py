@@ -1,6 +1,7 @@
 """EfficientNetV2 variant configurations, as data, in one registry.
 
-Values follow the official TensorFlow code and the seed's `model.py` (see REFERENCE.md).
+Values follow the paper (arXiv:2104.00298, Table 4 and the appendix), its official TensorFlow code
+(google/automl, efficientnetv2/effnetv2_configs.py) and WZMIAOMIAO's PyTorch `model.py`.
 """
 from __future__ import annotations
 

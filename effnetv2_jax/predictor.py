@@ -40,7 +40,7 @@ def imagenet_class_names() -> list[str]:
 
 def read_labels(path: str | os.PathLike) -> list[str]:
     """Class names from a file: one per line, or JSON: a list, or a dict index -> name as the
-    seed's class_indices.json ({"0": "daisy", ...}) or index -> [id, name] as Keras'
+    class_indices.json of WZMIAOMIAO's scripts ({"0": "daisy", ...}) or index -> [id, name] as Keras'
     imagenet_class_index.json."""
     path = Path(path)
     text = path.read_text('utf-8')

@@ -13,8 +13,9 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-# The two normalisations of the weights in circulation (REFERENCE.md): ImageNet statistics, and
-# mean = std = 0.5 (the seed, TF-trained weights). Lists, so that they serialise as metadata.
+# The two normalisations of the weights in circulation: ImageNet statistics (torchvision S/M,
+# timm's B0-B2 and efficientnetv2_*), and mean = std = 0.5 (WZMIAOMIAO's scripts, weights trained in
+# TensorFlow). Lists, so that they serialise as metadata.
 IMAGENET_NORMALISATION = {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}
 HALF_NORMALISATION = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
 

@@ -1,4 +1,4 @@
-"""Top-1 accuracy of a PyTorch checkpoint in the seed's layout on an image folder: the PyTorch
+"""Top-1 accuracy of a PyTorch checkpoint in the wzmiaomiao layout on an image folder: the PyTorch
 side of the README tour. Usage: classify_torch.py MODEL.pth WEIGHTS.msgpack FOLDER, where
 WEIGHTS.msgpack is the file the .pth was exported from (for the variant, classes and the eval
 transform)."""

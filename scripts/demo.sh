@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Conversion demo on randomly initialised weights (no downloads): builds PyTorch EfficientNetV2
-# checkpoints in the three layouts (seed model.py, torchvision, timm), converts each to Flax with
+# checkpoints in the three layouts (WZMIAOMIAO's model.py, torchvision, timm), converts each to Flax with
 # --verify, exports one back to PyTorch, and runs jitted Flax inference on a photo.
 # About 1.5 minutes on 2 CPU cores once .venv is set up.
 set -euo pipefail
@@ -10,7 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-section "1/4  PyTorch checkpoints with random weights (seed model.py, torchvision, timm)"
+section "1/4  PyTorch checkpoints with random weights (WZMIAOMIAO model.py, torchvision, timm)"
 "$PY" - "$WORK" <<'PYEOF'
 import sys
 import timm
@@ -22,7 +22,7 @@ from convert.torch_reference import randomize_
 
 work = sys.argv[1]
 models = {
-    'seed_s.pth': torch_reference.create('s'),                      # the seed's model.py layout
+    'wzmiaomiao_s.pth': torch_reference.create('s'),               # WZMIAOMIAO's model.py layout
     'torchvision_s.pth': torchvision.models.efficientnet_v2_s(),
     'timm_b0.pth': timm.create_model('tf_efficientnetv2_b0', pretrained=False),
 }
@@ -34,7 +34,7 @@ for seed, (name, model) in enumerate(models.items()):
 PYEOF
 
 section "2/4  PyTorch -> Flax: python -m convert X.pth --verify"
-for ckpt in seed_s torchvision_s timm_b0; do
+for ckpt in wzmiaomiao_s torchvision_s timm_b0; do
     printf '\n$ python -m convert %s.pth --verify\n' "$ckpt"
     "$PY" -m convert "$WORK/$ckpt.pth" --verify
 done
@@ -56,7 +56,7 @@ print(f'round trip timm -> Flax -> timm: {len(keys) - len(differ)} of {len(keys)
 sys.exit(1 if differ else 0)
 PYEOF
 
-section "4/4  Jitted Flax inference: EfficientNetV2-S (converted seed weights) on skimage's chelsea"
+section "4/4  Jitted Flax inference: EfficientNetV2-S (converted wzmiaomiao weights) on skimage's chelsea"
 "$PY" - "$WORK" <<'PYEOF'
 import sys
 import time
@@ -69,10 +69,10 @@ from skimage import data
 import effnetv2_jax
 
 work = sys.argv[1]
-model, variables = effnetv2_jax.load(f'{work}/seed_s.msgpack')
+model, variables = effnetv2_jax.load(f'{work}/wzmiaomiao_s.msgpack')
 size = model.variant.eval_size  # 384 for S
 
-# The seed's eval transform: short side to `size`, center crop, mean = std = 0.5.
+# WZMIAOMIAO's eval transform (its predict.py): short side to `size`, center crop, mean = std = 0.5.
 image = Image.fromarray(data.chelsea())
 scale = size / min(image.size)
 image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)

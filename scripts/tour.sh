@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on real data that ships with scikit-learn (no downloads):
 #   1. train EfficientNetV2-B0 on handwritten digits (python -m train, its default run);
-#   2. export the weights to a PyTorch checkpoint in the seed's model.py layout;
+#   2. export the weights to a PyTorch checkpoint in the layout of WZMIAOMIAO's model.py;
 #   3. classify the held-out test digits with that PyTorch model;
 #   4. convert it back to Flax with --verify (PyTorch vs Flax logits);
 #   5. classify the held-out test digits with the converted Flax weights;
@@ -16,16 +16,16 @@ WORK="${1:-runs/tour}"
 section "1/6  python -m train --workdir $WORK   (digits, B0, progressive 26 -> 32 px)"
 "$PY" -m train --workdir "$WORK"
 
-section "2/6  python -m convert --to-torch $WORK/model.msgpack --layout seed"
-"$PY" -m convert --to-torch "$WORK/model.msgpack" --layout seed -o "$WORK/model_seed.pth"
+section "2/6  python -m convert --to-torch $WORK/model.msgpack --layout wzmiaomiao"
+"$PY" -m convert --to-torch "$WORK/model.msgpack" --layout wzmiaomiao -o "$WORK/model_torch.pth"
 
-section "3/6  PyTorch (the seed's model.py architecture) on the held-out test digits"
-"$PY" scripts/classify_torch.py "$WORK/model_seed.pth" "$WORK/model.msgpack" "$WORK/digits/test"
+section "3/6  PyTorch (WZMIAOMIAO's model.py architecture) on the held-out test digits"
+"$PY" scripts/classify_torch.py "$WORK/model_torch.pth" "$WORK/model.msgpack" "$WORK/digits/test"
 
-section "4/6  python -m convert $WORK/model_seed.pth --verify   (back to Flax)"
-"$PY" -m convert "$WORK/model_seed.pth" -o "$WORK/converted.msgpack" --verify --verify-size 32
+section "4/6  python -m convert $WORK/model_torch.pth --verify   (back to Flax)"
+"$PY" -m convert "$WORK/model_torch.pth" -o "$WORK/converted.msgpack" --verify --verify-size 32
 
-# A .pth carries no metadata: the converted file has the seed's defaults (B0: 224 px), so the
+# A .pth carries no metadata: the converted file has the layout's defaults (B0: 224 px), so the
 # digits' 32 px is given here.
 section "5/6  python -m train --eval-only --init converted.msgpack on the held-out test digits"
 "$PY" -m train --eval-only --init "$WORK/converted.msgpack" --data-dir "$WORK/digits/test" \

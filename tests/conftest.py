@@ -49,8 +49,8 @@ def timm_transform(model_name: str):
     return timm.data.create_transform(**config)
 
 
-def seed_transform(size: int):
-    """The seed's predict.py: resize the short side (bilinear), center crop, mean = std = 0.5."""
+def wzmiaomiao_transform(size: int):
+    """WZMIAOMIAO's predict.py: resize the short side (bilinear), center crop, mean = std = 0.5."""
     from torchvision import transforms as T
     return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
                       T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
@@ -92,7 +92,7 @@ TIMM_TF_SYMMETRIC = ('--padding', 'symmetric', '--bn-eps', '1e-5')  # timm's non
 # id -> (PyTorch model factory, extra converter flags). Every variant in at least one layout;
 # the large ones (M, L, XL: 30-70 s each on 2 cores) once or twice, to keep CI under 30 minutes.
 SOURCES = {
-    **{f'seed-{v}': (functools.partial(torch_reference.create, v), ())
+    **{f'wzmiaomiao-{v}': (functools.partial(torch_reference.create, v), ())
        for v in ('s', 'b0', 'b1', 'b2', 'b3')},
     **{f'torchvision-{v}': (getattr(torchvision.models, f'efficientnet_v2_{v}'), ())
        for v in ('s', 'm', 'l')},

@@ -129,7 +129,7 @@ def assert_same_state_dict(got: dict, expected: dict):
 
 
 @pytest.fixture(scope='module')
-def seed_b0():
+def wzmiaomiao_b0():
     return randomize(torch_reference.create('b0', num_classes=NUM_CLASSES), seed=0)
 
 
@@ -145,9 +145,9 @@ def torchvision_s():
 
 
 @pytest.fixture
-def seed_pth(tmp_path, seed_b0) -> Path:
-    path = tmp_path / 'seed_b0.pth'
-    torch.save(seed_b0.state_dict(), path)
+def wzmiaomiao_pth(tmp_path, wzmiaomiao_b0) -> Path:
+    path = tmp_path / 'wzmiaomiao_b0.pth'
+    torch.save(wzmiaomiao_b0.state_dict(), path)
     return path
 
 
@@ -182,9 +182,9 @@ def test_garbage_bytes_are_reported_as_unreadable_not_as_a_refused_pickle(capsys
     assert 'refused' not in line and 'run code' not in line
 
 
-def test_truncated_checkpoint_is_rejected(capsys, tmp_path, seed_b0):
+def test_truncated_checkpoint_is_rejected(capsys, tmp_path, wzmiaomiao_b0):
     whole = tmp_path / 'whole.pth'
-    torch.save(seed_b0.state_dict(), whole)
+    torch.save(wzmiaomiao_b0.state_dict(), whole)
     data = whole.read_bytes()
     whole.unlink()
     path = tmp_path / 'truncated.pth'
@@ -198,27 +198,27 @@ def test_non_efficientnet_state_dict_is_rejected(capsys, tmp_path):
     assert_rejected(capsys, path, mentions=('EfficientNetV2',))
 
 
-def test_shape_mismatch_is_rejected_naming_the_key(capsys, tmp_path, seed_b0):
+def test_shape_mismatch_is_rejected_naming_the_key(capsys, tmp_path, wzmiaomiao_b0):
     key = 'blocks.3.expand_conv.conv.weight'
-    state_dict = clone(seed_b0.state_dict())
+    state_dict = clone(wzmiaomiao_b0.state_dict())
     state_dict[key] = torch.zeros(state_dict[key].shape[0], 7, 1, 1)
     path = tmp_path / 'wrong_shape.pth'
     torch.save(state_dict, path)
     assert_rejected(capsys, path, mentions=(key,))
 
 
-def test_missing_key_is_rejected_naming_the_key(capsys, tmp_path, seed_b0):
+def test_missing_key_is_rejected_naming_the_key(capsys, tmp_path, wzmiaomiao_b0):
     key = 'blocks.5.se.conv_reduce.bias'
-    state_dict = clone(seed_b0.state_dict())
+    state_dict = clone(wzmiaomiao_b0.state_dict())
     del state_dict[key]
     path = tmp_path / 'missing_key.pth'
     torch.save(state_dict, path)
     assert_rejected(capsys, path, mentions=(key,))
 
 
-def test_unexpected_key_is_rejected_naming_the_key(capsys, tmp_path, seed_b0):
+def test_unexpected_key_is_rejected_naming_the_key(capsys, tmp_path, wzmiaomiao_b0):
     key = 'blocks.2.extra.weight'
-    state_dict = clone(seed_b0.state_dict())
+    state_dict = clone(wzmiaomiao_b0.state_dict())
     state_dict[key] = torch.zeros(3)
     path = tmp_path / 'unexpected_key.pth'
     torch.save(state_dict, path)
@@ -242,38 +242,38 @@ def test_nonexistent_input_is_rejected(capsys, tmp_path):
 
 
 @pytest.mark.parametrize('corruption', ['garbage-header', 'truncated'])
-def test_corrupt_safetensors_is_rejected(capsys, tmp_path, seed_b0, corruption):
+def test_corrupt_safetensors_is_rejected(capsys, tmp_path, wzmiaomiao_b0, corruption):
     path = tmp_path / 'corrupt.safetensors'
     if corruption == 'garbage-header':
         path.write_bytes(b'\x20\x00\x00\x00\x00\x00\x00\x00{"stem.conv.weight": nonsense}  ')
     else:
-        save_file(seed_b0.state_dict(), path)
+        save_file(wzmiaomiao_b0.state_dict(), path)
         data = path.read_bytes()
         path.write_bytes(data[:len(data) // 2])
     assert_rejected(capsys, path, mentions=(str(path),))
 
 
 @pytest.mark.parametrize('wrapped', [False, True], ids=['bare-state-dict', 'state_dict-entry'])
-def test_ema_flag_on_checkpoint_without_ema_weights_is_rejected(capsys, tmp_path, seed_b0,
+def test_ema_flag_on_checkpoint_without_ema_weights_is_rejected(capsys, tmp_path, wzmiaomiao_b0,
                                                                  wrapped):
     path = tmp_path / 'no_ema.pth'
-    state_dict = seed_b0.state_dict()
+    state_dict = wzmiaomiao_b0.state_dict()
     torch.save({'state_dict': state_dict, 'epoch': 3} if wrapped else state_dict, path)
     line = assert_rejected(capsys, path, '--ema')
     assert 'EMA' in line or '--ema' in line
 
 
-def test_unknown_variant_is_rejected(capsys, seed_pth):
-    assert_rejected(capsys, seed_pth, '--variant', 'b9', mentions=('b9',))
+def test_unknown_variant_is_rejected(capsys, wzmiaomiao_pth):
+    assert_rejected(capsys, wzmiaomiao_pth, '--variant', 'b9', mentions=('b9',))
 
 
-def test_to_torch_rejects_a_file_the_converter_did_not_write(capsys, seed_pth):
-    before = files_under(seed_pth.parent)
-    rc, _, err = cli(capsys, '--to-torch', seed_pth, '--layout', 'seed',
-                     '-o', seed_pth.parent / 'back.pth')
+def test_to_torch_rejects_a_file_the_converter_did_not_write(capsys, wzmiaomiao_pth):
+    before = files_under(wzmiaomiao_pth.parent)
+    rc, _, err = cli(capsys, '--to-torch', wzmiaomiao_pth, '--layout', 'wzmiaomiao',
+                     '-o', wzmiaomiao_pth.parent / 'back.pth')
     assert_one_line_error(err)
     assert rc == 2
-    assert files_under(seed_pth.parent) == before
+    assert files_under(wzmiaomiao_pth.parent) == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,9 +281,9 @@ def test_to_torch_rejects_a_file_the_converter_did_not_write(capsys, seed_pth):
 
 
 @pytest.mark.parametrize('entry', ['model', 'state_dict'])
-def test_state_dict_inside_a_training_checkpoint_is_unwrapped(capsys, tmp_path, seed_b0, entry):
+def test_state_dict_inside_a_training_checkpoint_is_unwrapped(capsys, tmp_path, wzmiaomiao_b0, entry):
     path = tmp_path / 'train.pth'
-    state_dict = seed_b0.state_dict()
+    state_dict = wzmiaomiao_b0.state_dict()
     torch.save({entry: state_dict, 'epoch': 3, 'optimizer': {'lr': 0.1}}, path)
     rc, _, _ = cli(capsys, path)
     assert rc == 0
@@ -292,9 +292,9 @@ def test_state_dict_inside_a_training_checkpoint_is_unwrapped(capsys, tmp_path, 
 
 
 @pytest.fixture
-def checkpoint_with_ema(tmp_path, seed_b0):
+def checkpoint_with_ema(tmp_path, wzmiaomiao_b0):
     """{'state_dict': sd, 'state_dict_ema': ema} where every EMA tensor differs from sd's."""
-    state_dict = seed_b0.state_dict()
+    state_dict = wzmiaomiao_b0.state_dict()
     ema = {k: v + 0.25 if v.is_floating_point() else v for k, v in state_dict.items()}
     path = tmp_path / 'with_ema.pth'
     torch.save({'state_dict': state_dict, 'state_dict_ema': ema, 'epoch': 3}, path)
@@ -322,8 +322,8 @@ def test_summary_mentions_unused_ema_weights(capsys, checkpoint_with_ema):
     assert 'EMA' in out and '--ema' in out
 
 
-def test_data_parallel_module_prefix_is_stripped(capsys, tmp_path, seed_b0):
-    state_dict = seed_b0.state_dict()
+def test_data_parallel_module_prefix_is_stripped(capsys, tmp_path, wzmiaomiao_b0):
+    state_dict = wzmiaomiao_b0.state_dict()
     path = tmp_path / 'ddp.pth'
     torch.save({'state_dict': {f'module.{k}': v for k, v in state_dict.items()}}, path)
     rc, _, _ = cli(capsys, path)
@@ -346,10 +346,10 @@ def test_safetensors_input_is_converted(capsys, tmp_path, timm_b0):
 # detection and metadata
 
 
-@pytest.mark.parametrize('layout', ['seed', 'timm', 'torchvision'])
+@pytest.mark.parametrize('layout', ['wzmiaomiao', 'timm', 'torchvision'])
 def test_layout_variant_classes_and_preprocessing_are_detected(capsys, tmp_path, request, layout):
     model, variant, num_classes, padding, preprocessing = {
-        'seed': ('seed_b0', 'b0', NUM_CLASSES, 'symmetric', {'size': 224}),
+        'wzmiaomiao': ('wzmiaomiao_b0', 'b0', NUM_CLASSES, 'symmetric', {'size': 224}),
         'timm': ('timm_b0', 'b0', NUM_CLASSES, 'same', {
             'size': 224, 'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_MEAN}),
         'torchvision': ('torchvision_s', 's', TV_NUM_CLASSES, 'symmetric', {
@@ -397,7 +397,8 @@ def test_summary_names_layout_variant_classes_and_parameter_count(capsys, tmp_pa
 
 
 @pytest.mark.parametrize('layout, fixture', [
-    ('seed', 'seed_b0'), ('timm', 'timm_b0'), ('torchvision', 'torchvision_s')])
+    ('wzmiaomiao', 'wzmiaomiao_b0'), ('seed', 'wzmiaomiao_b0'), ('timm', 'timm_b0'),
+    ('torchvision', 'torchvision_s')])
 def test_torch_to_flax_to_torch_is_bit_exact(capsys, tmp_path, request, layout, fixture):
     state_dict = request.getfixturevalue(fixture).state_dict()
     path = tmp_path / 'source.pth'
@@ -409,30 +410,32 @@ def test_torch_to_flax_to_torch_is_bit_exact(capsys, tmp_path, request, layout, 
     assert_same_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True), state_dict)
 
 
-def test_exported_batch_counts_are_scalars_like_torchs(capsys, tmp_path, seed_b0):
+def test_exported_batch_counts_are_scalars_like_torchs(capsys, tmp_path, wzmiaomiao_b0):
     path = tmp_path / 'source.pth'
-    torch.save(seed_b0.state_dict(), path)
+    torch.save(wzmiaomiao_b0.state_dict(), path)
     assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
-    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'seed',
+    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'wzmiaomiao',
                    '-o', tmp_path / 'back.pth')
     assert rc == 0
     back = torch.load(tmp_path / 'back.pth', weights_only=True)
     assert back['stem.bn.num_batches_tracked'].shape == torch.Size([])
 
 
-def test_timm_weights_exported_in_seed_layout_give_the_timm_logits(capsys, tmp_path, timm_b0):
+def test_timm_weights_exported_in_wzmiaomiao_layout_give_the_timm_logits(capsys, tmp_path,
+                                                                         timm_b0):
     path = tmp_path / 'timm.pth'
     torch.save(timm_b0.state_dict(), path)
     assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
-    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'seed',
-                   '-o', tmp_path / 'seed.pth')
+    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'wzmiaomiao',
+                   '-o', tmp_path / 'wzmiaomiao.pth')
     assert rc == 0
-    seed_model = torch_reference.create('b0', NUM_CLASSES, padding='same')
-    seed_model.load_state_dict(torch.load(tmp_path / 'seed.pth', weights_only=True), strict=True)
+    reference = torch_reference.create('b0', NUM_CLASSES, padding='same')
+    reference.load_state_dict(torch.load(tmp_path / 'wzmiaomiao.pth', weights_only=True),
+                              strict=True)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = timm_b0.eval()(images).numpy()
-        got = seed_model.eval()(images).numpy()
+        got = reference.eval()(images).numpy()
     scale = np.abs(expected).max()
     assert scale > 0
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
@@ -442,10 +445,10 @@ def test_timm_weights_exported_in_seed_layout_give_the_timm_logits(capsys, tmp_p
 # output formats
 
 
-def test_orbax_output_loads_the_same_variables_as_msgpack(capsys, seed_pth):
-    assert cli(capsys, seed_pth, '--format', 'orbax')[0] == 0
-    assert cli(capsys, seed_pth, '--format', 'msgpack')[0] == 0
-    orbax_dir, msgpack_file = seed_pth.with_suffix('.orbax'), seed_pth.with_suffix('.msgpack')
+def test_orbax_output_loads_the_same_variables_as_msgpack(capsys, wzmiaomiao_pth):
+    assert cli(capsys, wzmiaomiao_pth, '--format', 'orbax')[0] == 0
+    assert cli(capsys, wzmiaomiao_pth, '--format', 'msgpack')[0] == 0
+    orbax_dir, msgpack_file = wzmiaomiao_pth.with_suffix('.orbax'), wzmiaomiao_pth.with_suffix('.msgpack')
     assert orbax_dir.is_dir()
     model_o, variables_o = effnetv2_jax.load(orbax_dir)
     model_m, variables_m = effnetv2_jax.load(msgpack_file)
@@ -459,35 +462,35 @@ def test_orbax_output_loads_the_same_variables_as_msgpack(capsys, seed_pth):
 # --verify
 
 
-def test_verify_passes_on_a_correct_conversion(capsys, seed_pth):
-    rc, out, _ = cli(capsys, seed_pth, *VERIFY_ARGS)
+def test_verify_passes_on_a_correct_conversion(capsys, wzmiaomiao_pth):
+    rc, out, _ = cli(capsys, wzmiaomiao_pth, *VERIFY_ARGS)
     assert rc == 0
     assert 'OK' in out
-    assert seed_pth.with_suffix('.msgpack').is_file()
+    assert wzmiaomiao_pth.with_suffix('.msgpack').is_file()
 
 
 def test_verify_fails_with_exit_1_and_writes_nothing_when_the_mapping_is_wrong(
-        capsys, monkeypatch, seed_pth):
+        capsys, monkeypatch, wzmiaomiao_pth):
     correct = layouts.torch_to_flax_array
 
-    def kernel_with_height_and_width_swapped(array, kind):  # a plausible porting bug
-        if kind == 'conv':
+    def kernel_with_height_and_width_swapped(array, axes):  # a plausible porting bug
+        if axes == layouts.CONV_AXES:
             return np.ascontiguousarray(array.transpose(3, 2, 1, 0))
-        return correct(array, kind)
+        return correct(array, axes)
     monkeypatch.setattr(layouts, 'torch_to_flax_array', kernel_with_height_and_width_swapped)
-    before = files_under(seed_pth.parent)
-    rc, out, err = cli(capsys, seed_pth, *VERIFY_ARGS)
+    before = files_under(wzmiaomiao_pth.parent)
+    rc, out, err = cli(capsys, wzmiaomiao_pth, *VERIFY_ARGS)
     assert rc == 1
     assert 'FAILED' in out
     assert_one_line_error(err)
-    assert files_under(seed_pth.parent) == before
+    assert files_under(wzmiaomiao_pth.parent) == before
 
 
-def test_verify_fails_on_a_seed_checkpoint_converted_with_the_wrong_padding(capsys, seed_pth):
-    before = files_under(seed_pth.parent)
-    rc, _, _ = cli(capsys, seed_pth, '--padding', 'same', *VERIFY_ARGS)
+def test_verify_fails_on_a_wzmiaomiao_checkpoint_converted_with_the_wrong_padding(capsys, wzmiaomiao_pth):
+    before = files_under(wzmiaomiao_pth.parent)
+    rc, _, _ = cli(capsys, wzmiaomiao_pth, '--padding', 'same', *VERIFY_ARGS)
     assert rc == 1
-    assert files_under(seed_pth.parent) == before
+    assert files_under(wzmiaomiao_pth.parent) == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,15 +503,15 @@ def run_command(*args, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_command_converts_a_checkpoint_end_to_end(seed_pth):
-    result = run_command(seed_pth.name, cwd=seed_pth.parent)
+def test_command_converts_a_checkpoint_end_to_end(wzmiaomiao_pth):
+    result = run_command(wzmiaomiao_pth.name, cwd=wzmiaomiao_pth.parent)
     assert result.returncode == 0, result.stderr
-    assert 'EfficientNetV2-B0, seed layout' in result.stdout
-    model, variables = effnetv2_jax.load(seed_pth.with_suffix('.msgpack'))
+    assert 'EfficientNetV2-B0, wzmiaomiao layout' in result.stdout
+    model, variables = effnetv2_jax.load(wzmiaomiao_pth.with_suffix('.msgpack'))
     assert model.num_classes == NUM_CLASSES
     np.testing.assert_array_equal(
         variables['params']['classifier']['bias'],
-        torch.load(seed_pth, weights_only=True)['head.classifier.bias'].numpy())
+        torch.load(wzmiaomiao_pth, weights_only=True)['head.classifier.bias'].numpy())
 
 
 def test_command_refuses_a_pickle_that_would_run_code(tmp_path):

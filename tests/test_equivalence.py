@@ -1,8 +1,8 @@
 """The converted Flax model computes what the PyTorch model computes: the project's core claim.
 
-Every source is a real PyTorch model (our seed reference, torchvision, timm) with randomized
-weights, BN affine parameters and BN running statistics (conftest.randomize_), saved to disk and
-converted by the real CLI path (save -> `python -m convert` -> `effnetv2_jax.load`).
+Every source is a real PyTorch model (our reference of WZMIAOMIAO's model.py, torchvision, timm)
+with randomized weights, BN affine parameters and BN running statistics (conftest.randomize_),
+saved to disk and converted by the real CLI path (save -> `python -m convert` -> `effnetv2_jax.load`).
 
 Tolerances (fp32 on CPU):
 - logits: max |Δ| <= 1e-5 x max |logit|. The two frameworks sum in different orders, so each op
@@ -49,7 +49,7 @@ def test_eval_logits_match_pytorch(converted, size, record_property):
 
 # On CPU the default depthwise implementation ('auto') is the shifted multiply-adds, so the tests
 # above check that one; XLA's grouped convolution (what GPUs and TPUs run) is checked here.
-@pytest.mark.parametrize('source', ['seed-b0', 'timm-tf-b0'])
+@pytest.mark.parametrize('source', ['wzmiaomiao-b0', 'timm-tf-b0'])
 @pytest.mark.parametrize('size', SIZES)
 def test_eval_logits_match_pytorch_with_xla_depthwise_convolution(source, size, tmp_path):
     factory, flags = SOURCES[source]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (SOURCES, assert_logits_close, convert, photos, seed_transform,
+from conftest import (SOURCES, assert_logits_close, convert, photos, wzmiaomiao_transform,
                       timm_transform, torch_logits, torch_preprocess, torchvision_transform)
 from convert.torch_reference import randomize_
 from effnetv2_jax import Predictor
 
 TRANSFORMS = {
-    'seed-s': lambda: seed_transform(384),
+    'wzmiaomiao-s': lambda: wzmiaomiao_transform(384),
     'torchvision-s': lambda: torchvision_transform('s'),
     'timm-tf-s': lambda: timm_transform('tf_efficientnetv2_s'),
     'timm-tf-b0': lambda: timm_transform('tf_efficientnetv2_b0'),

@@ -25,7 +25,7 @@ from convert.torch_reference import randomize_
 GRAD_RTOL, GRAD_ATOL_OF_MAX = 1e-4, 1e-6
 
 TRAIN_SOURCES = {  # id -> (factory with drop rates 0, converter flags, size)
-    'seed-s': (lambda: torch_reference.create('s', dropout_rate=0.0, drop_path_rate=0.0), (), 65),
+    'wzmiaomiao-s': (lambda: torch_reference.create('s', dropout_rate=0.0, drop_path_rate=0.0), (), 65),
     'torchvision-s': (lambda: torchvision.models.efficientnet_v2_s(
         dropout=0.0, stochastic_depth_prob=0.0), (), 64),
     'timm-tf-b0': (lambda: timm.create_model('tf_efficientnetv2_b0'), (), 64),
@@ -34,7 +34,7 @@ TRAIN_SOURCES = {  # id -> (factory with drop rates 0, converter flags, size)
 # The default depthwise implementation on CPU is the shifted multiply-adds with a hand-written
 # backward; XLA's grouped convolution (GPU, TPU) is checked on two sources too.
 CASES = [(source, 'auto') for source in TRAIN_SOURCES] + [
-    ('timm-tf-b0', 'xla'), ('seed-s', 'xla')]
+    ('timm-tf-b0', 'xla'), ('wzmiaomiao-s', 'xla')]
 
 
 def torch_train_step(module, images, labels):

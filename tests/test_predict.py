@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image
 
 import effnetv2_jax
-from conftest import (convert, photos, seed_transform, timm_transform, torch_preprocess,
+from conftest import (convert, photos, wzmiaomiao_transform, timm_transform, torch_preprocess,
                       torchvision_transform)
 from convert import layouts
 from convert.torch_reference import randomize_
@@ -44,7 +44,7 @@ TIMM_CROP_MODE = {'center': 'shorter', 'squash': 'squash'}
 @pytest.mark.parametrize('variant', ['s', 'm', 'l'])
 def test_torchvision_metadata_is_torchvisions_eval_transform(variant):
     transform = torchvision_transform(variant)
-    spec = layouts.preprocessing('torchvision', get_variant(variant), 'symmetric')
+    spec = layouts.TORCHVISION.preprocessing(get_variant(variant), 'symmetric')
     assert spec['size'] == transform.crop_size[0]
     assert spec['resize'] == 'shorter'
     assert int(spec['size'] / spec['crop_pct']) == transform.resize_size[0]
@@ -62,7 +62,7 @@ TIMM_MODELS = ([(f'tf_efficientnetv2_{v}', v, 'same', 1000) for v in VARIANTS]
 def test_timm_metadata_is_timms_pretrained_config(name, variant, padding, num_classes):
     model = timm.create_model(name, pretrained=False)
     config = timm.data.resolve_data_config({}, model=model, use_test_size=True)
-    spec = layouts.preprocessing('timm', get_variant(variant), padding, num_classes)
+    spec = layouts.TIMM.preprocessing(get_variant(variant), padding, num_classes)
     assert spec['size'] == config['input_size'][1]
     assert spec['resize'] == TIMM_CROP_MODE[config['crop_mode']]
     assert spec['crop_pct'] == pytest.approx(config['crop_pct'])
@@ -71,7 +71,7 @@ def test_timm_metadata_is_timms_pretrained_config(name, variant, padding, num_cl
 
 
 PARITY = {  # source -> (the converter's spec, the library's own transform)
-    'seed-s': (('seed', 's', 'symmetric'), lambda: seed_transform(384)),
+    'wzmiaomiao-s': (('wzmiaomiao', 's', 'symmetric'), lambda: wzmiaomiao_transform(384)),
     'torchvision-s': (('torchvision', 's', 'symmetric'), lambda: torchvision_transform('s')),
     'torchvision-l': (('torchvision', 'l', 'symmetric'), lambda: torchvision_transform('l')),
     'timm-tf-s': (('timm', 's', 'same'), lambda: timm_transform('tf_efficientnetv2_s')),
@@ -85,7 +85,7 @@ PARITY = {  # source -> (the converter's spec, the library's own transform)
 @pytest.mark.parametrize('source', list(PARITY))
 def test_preprocess_equals_the_sources_own_transform_on_real_photos(source, record_property):
     (layout, variant, padding), transform = PARITY[source]
-    spec = layouts.preprocessing(layout, get_variant(variant), padding)
+    spec = layouts.get_layout(layout).preprocessing(get_variant(variant), padding)
     expected = torch_preprocess(transform(), photos())
     got = effnetv2_jax.preprocess(photos(), spec)
     assert got.shape == expected.shape == (4, spec['size'], spec['size'], 3)
@@ -171,7 +171,7 @@ def test_imagenet_class_names_are_torchvisions():
 @pytest.mark.parametrize('name, content', [
     ('labels.txt', 'daisy\ndandelion\nroses\n'),
     ('list.json', '["daisy", "dandelion", "roses"]'),
-    ('class_indices.json', '{"0": "daisy", "1": "dandelion", "2": "roses"}'),  # the seed's
+    ('class_indices.json', '{"0": "daisy", "1": "dandelion", "2": "roses"}'),  # WZMIAOMIAO's
     ('keras.json', '{"0": ["n1", "daisy"], "1": ["n2", "dandelion"], "2": ["n3", "roses"]}'),
 ])
 def test_labels_files_in_common_formats(tmp_path, name, content):
@@ -217,7 +217,7 @@ def test_weights_without_a_stored_transform_need_one(weights, tmp_path):
     effnetv2_jax.save(tmp_path / 'w.msgpack', variables, metadata)
     with pytest.raises(ValueError, match='lacks'):
         Predictor(tmp_path / 'w.msgpack', compilation_cache=False)
-    spec = layouts.preprocessing('timm', get_variant('b0'), 'same')
+    spec = layouts.TIMM.preprocessing(get_variant('b0'), 'same')
     assert Predictor(tmp_path / 'w.msgpack', preprocessing=spec, compilation_cache=False).spec \
         == spec
 
