@@ -11,9 +11,9 @@ from pathlib import Path
 
 from convert import layouts
 from convert.torch_io import CheckpointError
+from effnetv2_jax import cli
 
-EXAMPLES = """examples:
-  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
+EXAMPLES = """  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
   python -m convert ckpt.pth --ema --verify -o s_ema.msgpack
   python -m convert tf_efficientnetv2_b0.safetensors --format orbax
   python -m convert --to-torch weights.msgpack --layout wzmiaomiao -o model.pth
@@ -29,11 +29,8 @@ def layout_name(name: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog='python -m convert', epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Convert EfficientNetV2 weights between PyTorch (WZMIAOMIAO model.py, '
-                    'torchvision, timm) and Flax (effnetv2_jax).')
+    p = cli.parser('convert', 'Convert EfficientNetV2 weights between PyTorch (WZMIAOMIAO '
+                   'model.py, torchvision, timm) and Flax (effnetv2_jax).', EXAMPLES)
     p.add_argument('input', type=Path, help='.pth/.pt/.bin/.safetensors (or, with --to-torch, '
                    'a file written by this converter)')
     p.add_argument('-o', '--output', type=Path, help='output path (default: beside the input)')
@@ -87,8 +84,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     output = args.output or default_output(args)
     if output.resolve() == args.input.resolve():
-        print(f'error: output {output} would overwrite the input', file=sys.stderr)
-        return 2
+        return cli.fail(f'output {output} would overwrite the input')
     try:
         import effnetv2_jax
         from convert import converter, torch_io
@@ -110,15 +106,13 @@ def main(argv=None) -> int:
             layout = metadata['source_layout']
         if args.verify and not run_verify(layout, metadata, state_dict, variables,
                                           args.verify_size, args.tolerance):
-            print('error: verification failed; nothing written', file=sys.stderr)
-            return 1
+            return cli.fail('verification failed; nothing written', cli.EXIT_MISMATCH)
         if args.to_torch:
             torch_io.write_state_dict(output, state_dict)
         else:
             effnetv2_jax.save(output, variables, metadata, fmt=args.format)
     except CheckpointError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return cli.fail(str(e))
     num_params = sum(v.size for k, v in state_dict.items() if 'running_' not in k
                      and not k.endswith('num_batches_tracked'))
     direction = 'Flax -> PyTorch' if args.to_torch else 'PyTorch -> Flax'
@@ -127,7 +121,7 @@ def main(argv=None) -> int:
           f'{metadata["num_classes"]} classes, {num_params:,} parameters, padding '
           f'{metadata["padding"]}, BN eps {metadata["bn_eps"]:g}, '
           f'{time.perf_counter() - start:.1f} s')
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == '__main__':

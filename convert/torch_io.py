@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from effnetv2_jax.files import atomic_write, first_line
+from effnetv2_jax.cli import first_line
+from effnetv2_jax.files import atomic_write
 
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'ema_state_dict')
 MODEL_KEYS = ('state_dict', 'model', 'model_state_dict', 'net', 'params')

@@ -11,7 +11,6 @@ package, nor the model's Python code, and it is one file to ship:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -21,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax.errors import FlaxError
 
-from effnetv2_jax import checkpoint, configs
-from effnetv2_jax.files import atomic_write_bytes, first_line
+from effnetv2_jax import checkpoint, cli, configs
+from effnetv2_jax.cli import first_line
+from effnetv2_jax.files import atomic_write_bytes
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export accepts any string; these lower & run
 
@@ -54,9 +54,8 @@ def export(model, variables, image_size: int, *, batch_size: int | None = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog='python -m effnetv2_jax.export', description='Export converted weights as a '
-        'serialized jax.export artifact (StableHLO, weights inside) for serving without Flax.')
+    p = cli.parser('effnetv2_jax.export', 'Export converted weights as a serialized jax.export '
+                   'artifact (StableHLO, weights inside) for serving without Flax.')
     p.add_argument('weights', type=Path, help='a file effnetv2_jax.save wrote (msgpack or Orbax)')
     p.add_argument('-o', '--output', type=Path, help='default: WEIGHTS with suffix .jaxexport')
     p.add_argument('--batch-size', type=int, help='fixed batch size (default: any)')
@@ -89,12 +88,11 @@ def main(argv=None) -> int:
         atomic_write_bytes(output, data)
         atomic_write_bytes(sidecar, json.dumps(info, indent=2).encode())
     except (OSError, ValueError) as e:  # unreadable or invalid weights, bad flags, unwritable -o
-        print(f'error: {first_line(e)}', file=sys.stderr)
-        return 2
+        return cli.fail(first_line(e))
     print(f'{args.weights} -> {output} ({len(data) / 1e6:.1f} MB; input spec in {sidecar.name})\n'
           f'  float32 [{args.batch_size or "any"}, {size}, {size}, 3] -> {info["output"]}, '
           f'platforms {",".join(exported.platforms)}')
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == '__main__':

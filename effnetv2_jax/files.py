@@ -1,4 +1,4 @@
-"""Writing files so that a failure never leaves a partial one, and errors as one line."""
+"""Writing files so that a failure never leaves a partial one."""
 from __future__ import annotations
 
 import os
@@ -54,8 +54,3 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray):
     """`atomic_write` of one file with `data`."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when it has none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0][:limit] if lines else type(e).__name__

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from effnetv2_jax import cli
 from effnetv2_jax.predictor import Predictor
 from effnetv2_jax.transforms import RESAMPLING
 
-EXAMPLES = """examples:
+EXAMPLES = """\
   python -m effnetv2_jax.predict cat.jpg --weights efficientnetv2_s.msgpack
   python -m effnetv2_jax.predict photos/*.jpg --weights flowers.msgpack --labels class_indices.json
   python -m effnetv2_jax.predict cat.jpg --weights s.msgpack --size 320 --json
@@ -24,11 +25,9 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog='python -m effnetv2_jax.predict', epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Classify images with EfficientNetV2 weights, through the eval transform '
-                    'their source expects (stored in the weights file; flags override it).')
+    p = cli.parser('effnetv2_jax.predict', 'Classify images with EfficientNetV2 weights, through '
+                   'the eval transform their source expects (stored in the weights file; flags '
+                   'override it).', EXAMPLES)
     p.add_argument('images', nargs='+', type=Path, metavar='IMAGE', help='image files')
     p.add_argument('--weights', required=True, type=Path,
                    help='a file written by python -m convert, python -m train or effnetv2_jax.save')
@@ -61,24 +60,22 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:
         torch_suffix = args.weights.suffix in ('.pth', '.pt', '.bin', '.safetensors')
         hint = f' (convert PyTorch weights first: python -m convert {args.weights})'
-        print(f'error: {e}{hint if torch_suffix else ""}', file=sys.stderr)
-        return 2
+        return cli.fail(f'{e}{hint if torch_suffix else ""}')
     try:
         results = predictor.predict(args.images, min(args.top_k, len(predictor.labels)),
                                     progress=len(args.images) > args.batch_size)
     except ValueError as e:  # an unreadable image
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return cli.fail(str(e))
     if args.json:
         print(json.dumps([{'image': str(path), 'predictions': [p._asdict() for p in top]}
                           for path, top in zip(args.images, results)], indent=2))
-        return 0
+        return cli.EXIT_OK
     width = max(len(p.label) for top in results for p in top)
     for path, top in zip(args.images, results):
         print(path)
         for rank, p in enumerate(top, 1):
             print(f'  {rank}. {p.label:<{width}}  {100 * p.probability:6.2f} %  (class {p.index})')
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == '__main__':
