@@ -3,10 +3,10 @@ the first result, for inference and a full train step.
 
     python -m benchmarks.throughput --variant s --image-size 224 --batch-size 8
     python -m benchmarks.throughput --variant s --image-size 300 --batch-size 128 \\
-        --dtype bfloat16 --device gpu --frameworks jax seed-cl torchvision-cl
+        --dtype bfloat16 --device gpu --frameworks jax wzmiaomiao-cl torchvision-cl
 
-Frameworks: `jax` (this package), `seed` (convert/torch_reference.py, the seed's architecture),
-`torchvision`; a `-cl` suffix runs PyTorch channels_last, `-compile` adds torch.compile. Each runs
+Frameworks: `jax` (this package), `wzmiaomiao` (convert/torch_reference.py: the architecture of
+WZMIAOMIAO's model.py in PyTorch), `torchvision`; a `-cl` suffix runs PyTorch channels_last, `-compile` adds torch.compile. Each runs
 in its own worker process, built and compiled one after another; then the workers take turns,
 `--repeats` rounds of one untimed and `--steps` timed steps each, so machine noise hits all alike.
 Reported: the median img/s over rounds; the time from building the step to its first result
@@ -32,8 +32,8 @@ PROTOCOL = '@@ '  # worker -> driver lines; anything else a library prints is pa
 # Settings that change the figures: the workers inherit the driver's, and the command shows them.
 TUNING_VARIABLES = ('GLIBC_TUNABLES', 'XLA_FLAGS', 'OMP_NUM_THREADS', 'OMP_WAIT_POLICY',
                     'LD_PRELOAD')
-FRAMEWORKS = ('jax', 'seed', 'seed-cl', 'seed-compile', 'seed-cl-compile', 'torchvision',
-              'torchvision-cl', 'torchvision-cl-compile')
+FRAMEWORKS = ('jax', 'wzmiaomiao', 'wzmiaomiao-cl', 'wzmiaomiao-compile', 'wzmiaomiao-cl-compile',
+              'torchvision', 'torchvision-cl', 'torchvision-cl-compile')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     p.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
     p.add_argument('--frameworks', nargs='+', choices=FRAMEWORKS,
-                   default=['jax', 'seed', 'seed-cl'])
+                   default=['jax', 'wzmiaomiao', 'wzmiaomiao-cl'])
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
     p.add_argument('--repeats', type=int, default=5, help='rounds (the median is reported)')
     p.add_argument('--steps', type=int, default=5, help='steps per round')
@@ -143,7 +143,7 @@ def torch_step(args):
     import torch.nn.functional as F
     name = args.worker
     device = torch.device('cuda' if args.device == 'gpu' else 'cpu')
-    if name.startswith('seed'):
+    if name.startswith('wzmiaomiao'):
         from convert.torch_reference import create
         model = create(args.variant)
     else:

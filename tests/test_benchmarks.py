@@ -17,15 +17,15 @@ def test_throughput_benchmark_writes_json_and_markdown_for_every_framework(tmp_p
     output = tmp_path / 'result'
     subprocess.run([sys.executable, '-m', 'benchmarks.throughput', '--variant', 'b0',
                     '--image-size', '32', '--batch-size', '2', '--modes', 'infer',
-                    '--frameworks', 'jax', 'seed-cl', '--repeats', '2', '--steps', '1',
+                    '--frameworks', 'jax', 'wzmiaomiao-cl', '--repeats', '2', '--steps', '1',
                     '--output', str(output)], cwd=REPO, check=True, capture_output=True)
     report = json.loads(output.with_suffix('.json').read_text())
-    assert [r['framework'] for r in report['results']] == ['jax', 'seed-cl']
+    assert [r['framework'] for r in report['results']] == ['jax', 'wzmiaomiao-cl']
     for result in report['results']:
         assert len(result['img_per_s_rounds']) == 2 and result['img_per_s'] > 0
         assert result['first_result_s'] > 0 and result['peak_memory_bytes'] > 0
     table = output.with_suffix('.md').read_text()
-    assert '| infer | jax |' in table and '| infer | seed-cl |' in table
+    assert '| infer | jax |' in table and '| infer | wzmiaomiao-cl |' in table
 
 
 def test_throughput_command_shows_the_settings_that_change_the_figures(monkeypatch):
