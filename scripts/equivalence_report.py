@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from effnetv2_jax.configs import VARIANTS, get_variant
-from effnetv2_jax.files import atomic_write_bytes, first_line
+from effnetv2_jax.cli import first_line
+from effnetv2_jax.files import atomic_write_bytes
 
 TEST_COMMAND = ('bash scripts/test.sh tests/test_equivalence.py tests/test_equivalence_photos.py '
                 '--junitxml=r.xml')
@@ -28,7 +29,6 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / 'docs' / 'equivalence.
 WZMIAOMIAO = 'WZMIAOMIAO `model.py` (our PyTorch reference)'
 SOURCE_LABELS = {  # id prefix -> table label; rows are sorted in this order
     'wzmiaomiao': WZMIAOMIAO,
-    'seed': WZMIAOMIAO,  # the prefix's former name
     'torchvision': 'torchvision',
     'timm-tf': 'timm `tf_efficientnetv2_*` (same padding)',
     'timm': 'timm `efficientnetv2_*` (eps 1e-5)',
@@ -38,7 +38,7 @@ INPUTS = {  # test function -> what both models are fed
     'test_predictor_matches_pytorch_with_its_own_transform_on_real_photos':
         '4 photos, end to end',
 }
-TEST_ID = re.compile(r'(?P<test>\w+)\[(?P<source>wzmiaomiao|seed|torchvision|timm-tf|timm)-'
+TEST_ID = re.compile(r'(?P<test>\w+)\[(?P<source>wzmiaomiao|torchvision|timm-tf|timm)-'
                      r'(?P<variant>[a-z0-9]+?)(?:-(?P<size>\d+))?\]')
 
 INTRO = """\

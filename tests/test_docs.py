@@ -79,7 +79,7 @@ JUNIT_XML = """<?xml version="1.0" encoding="utf-8"?>
   <properties><property name="logit_error" value="1.6e-06"/></properties></testcase>
 <testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[timm-tf-b0-97]">
   <properties><property name="logit_error" value="1.4e-06"/></properties></testcase>
-<testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[seed-b0-96]">
+<testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[wzmiaomiao-b0-96]">
   <properties><property name="logit_error" value="1.53e-06"/></properties></testcase>
 <testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[wzmiaomiao-s-97]">
   <properties><property name="logit_error" value="1.5e-06"/></properties></testcase>
@@ -89,7 +89,7 @@ JUNIT_XML = """<?xml version="1.0" encoding="utf-8"?>
   name="test_predictor_matches_pytorch_with_its_own_transform_on_real_photos[timm-tf-b0]">
   <properties><property name="logit_error" value="1.1e-06"/></properties></testcase>
 <testcase classname="tests.test_equivalence"
-  name="test_eval_logits_match_pytorch_with_xla_depthwise_convolution[96-seed-b0]"/>
+  name="test_eval_logits_match_pytorch_with_xla_depthwise_convolution[96-wzmiaomiao-b0]"/>
 </testsuite></testsuites>
 """
 
@@ -116,7 +116,7 @@ def test_equivalence_report_turns_junit_xml_into_the_table(tmp_path):
 
 
 def test_equivalence_report_refuses_a_run_with_failed_tests(tmp_path, capsys):
-    failed = JUNIT_XML.replace('[96-seed-b0]"/>', '[96-seed-b0]"><failure message="x"/></testcase>')
+    failed = JUNIT_XML.replace('[96-wzmiaomiao-b0]"/>', '[96-wzmiaomiao-b0]"><failure message="x"/></testcase>')
     (tmp_path / 'r.xml').write_text(failed)
     output = tmp_path / 'equivalence.md'
     assert load_report_script().main([str(tmp_path / 'r.xml'), '-o', str(output)]) == 2

@@ -34,5 +34,6 @@ def test_predictor_matches_pytorch_with_its_own_transform_on_real_photos(
     predictor = Predictor(tmp_path / 'ckpt.msgpack', compilation_cache=False)
     assert predictor.spec['size'] == size
     got = predictor.logits(photos())
+    record_property('image_size', size)
     record_property('logit_error', assert_logits_close(got, expected))
     assert len(set(expected.argmax(-1))) > 1, 'the photos should not all get the same class'
