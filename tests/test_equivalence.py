@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import effnetv2_jax
-from conftest import (SOURCES, assert_logits_close, convert, jitted_apply, noise,
+from helpers import (SOURCES, assert_logits_close, convert, jitted_apply, noise,
                       torch_logits)
 from convert import torch_reference
 from convert.torch_reference import randomize_

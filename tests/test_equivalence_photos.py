@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (SOURCES, assert_logits_close, convert, photos, wzmiaomiao_transform,
+from helpers import (SOURCES, assert_logits_close, convert, photos, wzmiaomiao_transform,
                       timm_transform, torch_logits, torch_preprocess, torchvision_transform)
 from convert.torch_reference import randomize_
 from effnetv2_jax import Predictor

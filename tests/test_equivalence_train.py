@@ -18,7 +18,7 @@ import timm
 import torch
 import torchvision
 
-from conftest import TIMM_TF_SYMMETRIC, assert_logits_close, convert, noise
+from helpers import TIMM_TF_SYMMETRIC, assert_logits_close, convert, noise
 from convert import converter, torch_reference
 from convert.torch_reference import randomize_
 

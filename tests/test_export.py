@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import effnetv2_jax
-from conftest import random_variables
+from helpers import random_variables
 from effnetv2_jax.export import export, main
 
 SIZE, NUM_CLASSES = 64, 10

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import effnetv2_jax
-from conftest import random_variables
+from helpers import random_variables
 from convert import torch_reference
 from effnetv2_jax.layers import (IM2COL_MAX_INPUT_FEATURES, IM2COL_MIN_FEATURES, BatchNorm,
                                  ConvBNAct, DropPath, SqueezeExcite, conv_forward,

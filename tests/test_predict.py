@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image
 
 import effnetv2_jax
-from conftest import (convert, photos, wzmiaomiao_transform, timm_transform, torch_preprocess,
+from helpers import (convert, photos, wzmiaomiao_transform, timm_transform, torch_preprocess,
                       torchvision_transform)
 from convert import layouts
 from convert.torch_reference import randomize_

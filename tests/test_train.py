@@ -13,7 +13,7 @@ import pytest
 
 import effnetv2_jax
 from convert import torch_reference
-from tests.conftest import convert
+from helpers import convert
 from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
 from train.digits import materialize_digits
