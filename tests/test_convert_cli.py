@@ -198,29 +198,28 @@ def test_non_efficientnet_state_dict_is_rejected(capsys, tmp_path):
     assert_rejected(capsys, path, mentions=('EfficientNetV2',))
 
 
-def test_shape_mismatch_is_rejected_naming_the_key(capsys, tmp_path, wzmiaomiao_b0):
-    key = 'blocks.3.expand_conv.conv.weight'
-    state_dict = clone(wzmiaomiao_b0.state_dict())
+def wrong_shape(state_dict, key):
     state_dict[key] = torch.zeros(state_dict[key].shape[0], 7, 1, 1)
-    path = tmp_path / 'wrong_shape.pth'
-    torch.save(state_dict, path)
-    assert_rejected(capsys, path, mentions=(key,))
 
 
-def test_missing_key_is_rejected_naming_the_key(capsys, tmp_path, wzmiaomiao_b0):
-    key = 'blocks.5.se.conv_reduce.bias'
-    state_dict = clone(wzmiaomiao_b0.state_dict())
+def missing(state_dict, key):
     del state_dict[key]
-    path = tmp_path / 'missing_key.pth'
-    torch.save(state_dict, path)
-    assert_rejected(capsys, path, mentions=(key,))
 
 
-def test_unexpected_key_is_rejected_naming_the_key(capsys, tmp_path, wzmiaomiao_b0):
-    key = 'blocks.2.extra.weight'
-    state_dict = clone(wzmiaomiao_b0.state_dict())
+def unexpected(state_dict, key):
     state_dict[key] = torch.zeros(3)
-    path = tmp_path / 'unexpected_key.pth'
+
+
+@pytest.mark.parametrize('corrupt, key', [
+    (wrong_shape, 'blocks.3.expand_conv.conv.weight'),
+    (missing, 'blocks.5.se.conv_reduce.bias'),
+    (unexpected, 'blocks.2.extra.weight'),
+], ids=['shape-mismatch', 'missing-key', 'unexpected-key'])
+def test_a_state_dict_that_does_not_fit_is_rejected_naming_the_key(capsys, tmp_path,
+                                                                   wzmiaomiao_b0, corrupt, key):
+    state_dict = clone(wzmiaomiao_b0.state_dict())
+    corrupt(state_dict, key)
+    path = tmp_path / f'{corrupt.__name__}.pth'
     torch.save(state_dict, path)
     assert_rejected(capsys, path, mentions=(key,))
 
