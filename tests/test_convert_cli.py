@@ -395,42 +395,35 @@ def test_summary_names_layout_variant_classes_and_parameter_count(capsys, tmp_pa
 # round trips and cross-layout export
 
 
-@pytest.mark.parametrize('layout, fixture', [
-    ('wzmiaomiao', 'wzmiaomiao_b0'), ('seed', 'wzmiaomiao_b0'), ('timm', 'timm_b0'),
-    ('torchvision', 'torchvision_s')])
-def test_torch_to_flax_to_torch_is_bit_exact(capsys, tmp_path, request, layout, fixture):
-    state_dict = request.getfixturevalue(fixture).state_dict()
+def to_flax_and_back(capsys, tmp_path, state_dict, layout: str) -> dict:
+    """`state_dict` converted to Flax, then exported in `layout`; the state_dict read back."""
     path = tmp_path / 'source.pth'
     torch.save(state_dict, path)
     assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
     rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', layout,
                    '-o', tmp_path / 'back.pth')
     assert rc == 0
-    assert_same_state_dict(torch.load(tmp_path / 'back.pth', weights_only=True), state_dict)
+    return torch.load(tmp_path / 'back.pth', weights_only=True)
+
+
+@pytest.mark.parametrize('layout, fixture', [
+    ('wzmiaomiao', 'wzmiaomiao_b0'), ('seed', 'wzmiaomiao_b0'), ('timm', 'timm_b0'),
+    ('torchvision', 'torchvision_s')])
+def test_torch_to_flax_to_torch_is_bit_exact(capsys, tmp_path, request, layout, fixture):
+    state_dict = request.getfixturevalue(fixture).state_dict()
+    assert_same_state_dict(to_flax_and_back(capsys, tmp_path, state_dict, layout), state_dict)
 
 
 def test_exported_batch_counts_are_scalars_like_torchs(capsys, tmp_path, wzmiaomiao_b0):
-    path = tmp_path / 'source.pth'
-    torch.save(wzmiaomiao_b0.state_dict(), path)
-    assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
-    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'wzmiaomiao',
-                   '-o', tmp_path / 'back.pth')
-    assert rc == 0
-    back = torch.load(tmp_path / 'back.pth', weights_only=True)
+    back = to_flax_and_back(capsys, tmp_path, wzmiaomiao_b0.state_dict(), 'wzmiaomiao')
     assert back['stem.bn.num_batches_tracked'].shape == torch.Size([])
 
 
 def test_timm_weights_exported_in_wzmiaomiao_layout_give_the_timm_logits(capsys, tmp_path,
                                                                          timm_b0):
-    path = tmp_path / 'timm.pth'
-    torch.save(timm_b0.state_dict(), path)
-    assert cli(capsys, path, '-o', tmp_path / 'flax.msgpack')[0] == 0
-    rc, _, _ = cli(capsys, '--to-torch', tmp_path / 'flax.msgpack', '--layout', 'wzmiaomiao',
-                   '-o', tmp_path / 'wzmiaomiao.pth')
-    assert rc == 0
     reference = torch_reference.create('b0', NUM_CLASSES, padding='same')
-    reference.load_state_dict(torch.load(tmp_path / 'wzmiaomiao.pth', weights_only=True),
-                              strict=True)
+    reference.load_state_dict(
+        to_flax_and_back(capsys, tmp_path, timm_b0.state_dict(), 'wzmiaomiao'), strict=True)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = timm_b0.eval()(images).numpy()
