@@ -1,1 +1,2 @@
-"""Measurements that go into the README; run from the repository root (`python -m benchmarks.X`)."""
+"""Measurements shown in docs/performance.md; run from the repository root
+(`python -m benchmarks.X`)."""

@@ -1,4 +1,4 @@
-"""The benchmark entry point runs end to end and writes what the README shows (tiny settings: the
+"""The benchmark entry point runs end to end and writes what docs/performance.md shows (tiny settings: the
 numbers themselves are measured by hand, never asserted)."""
 from __future__ import annotations
 
