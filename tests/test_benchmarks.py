@@ -1,5 +1,5 @@
-"""The benchmark entry point runs end to end and writes what docs/performance.md shows (tiny settings: the
-numbers themselves are measured by hand, never asserted)."""
+"""The benchmark entry points run end to end and write what docs/performance.md shows (tiny
+settings: the numbers themselves are measured by hand, never asserted)."""
 from __future__ import annotations
 
 import importlib.util
