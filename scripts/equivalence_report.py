@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from effnetv2_jax.configs import VARIANTS, get_variant
+from effnetv2_jax import cli
 from effnetv2_jax.cli import first_line
 from effnetv2_jax.files import atomic_write_bytes
 
@@ -143,8 +144,7 @@ def main(argv=None) -> int:
     try:
         rows = read_rows(args.junit_xml)
     except ReportError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return cli.fail(str(e))
     atomic_write_bytes(args.output, render(rows).encode())
     print(f'{args.output}: {len(rows)} rows')
     return 0
