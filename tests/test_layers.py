@@ -21,10 +21,10 @@ import torch.nn.functional as F
 import effnetv2_jax
 from helpers import random_variables
 from convert import torch_reference
-from effnetv2_jax.layers import (IM2COL_MAX_INPUT_FEATURES, IM2COL_MIN_FEATURES, BatchNorm,
-                                 ConvBNAct, DropPath, SqueezeExcite, conv_forward,
-                                 conv_kernel_gradient, dense_conv, depthwise_conv,
-                                 explicit_padding)
+from effnetv2_jax import kernels
+from effnetv2_jax.kernels import (IM2COL_MAX_INPUT_FEATURES, IM2COL_MIN_FEATURES, conv_forward,
+                                  conv_kernel_gradient, dense_conv, depthwise_conv)
+from effnetv2_jax.layers import BatchNorm, ConvBNAct, DropPath, SqueezeExcite, explicit_padding
 
 # Layer outputs (BatchNorm, ConvBNAct, SqueezeExcite) reach |y| ~ 5..18 here, and the two
 # frameworks sum in different orders, so they differ by an ulp or two of the largest values:
@@ -251,10 +251,11 @@ def _conv_bn_case(seed, size, in_ch=6, out_ch=8, k=3, groups=1):
 
 
 def _flax_conv_bn_act(x, weight, bn_stats, k, stride, padding, groups=1, activation=jax.nn.silu,
-                      depthwise_implementation='auto'):
+                      implementation='auto'):
     layer = ConvBNAct(weight.shape[0], k, stride, groups=groups, padding=padding,
-                      activation=activation, depthwise_implementation=depthwise_implementation)
-    return layer.apply(conv_bn_variables(weight, bn_stats), x, train=False)
+                      activation=activation)
+    with kernels.use_implementation(implementation):
+        return layer.apply(conv_bn_variables(weight, bn_stats), x, train=False)
 
 
 @pytest.mark.parametrize('k,groups', [(1, 1), (3, 1), (3, 8), (5, 8)])
@@ -355,7 +356,7 @@ def tf_same_pad(x_nchw, k, stride):
 DEPTHWISE_CASES = [(3, 1, (9, 8)), (3, 2, (10, 10)), (5, 2, (9, 11)), (3, 2, (7, 6))]
 
 
-@pytest.mark.parametrize('implementation', ['xla', 'shifted', 'auto'])
+@pytest.mark.parametrize('implementation', ['xla', 'cpu', 'auto'])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('k,stride,size', DEPTHWISE_CASES)
 def test_convbnact_depthwise_equals_torch_grouped_conv(implementation, padding, k, stride, size):
@@ -370,7 +371,7 @@ def test_convbnact_depthwise_equals_torch_grouped_conv(implementation, padding, 
         y_torch = torch_conv_bn_act(nchw(x), weight, bn_stats, stride, (k - 1) // 2,
                                     groups=channels)
     y = _flax_conv_bn_act(x, weight, bn_stats, k, stride, padding, groups=channels,
-                          depthwise_implementation=implementation)
+                          implementation=implementation)
     assert y.shape == nhwc(y_torch).shape
     assert_close(y, nhwc(y_torch))
 
@@ -410,7 +411,7 @@ def assert_conv_and_gradients_equal(conv, torch_case):
     assert_gradient_close(dw, dw_torch)
 
 
-@pytest.mark.parametrize('implementation', ['xla', 'shifted'])
+@pytest.mark.parametrize('implementation', ['xla', 'cpu'])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('batch', [3, 16])  # the CPU kernel gradient sums groups of <= 8 images
 @pytest.mark.parametrize('k,stride,size', DEPTHWISE_CASES)
@@ -425,7 +426,7 @@ def test_depthwise_conv_gradients_equal_torch(implementation, padding, batch, k,
 
 
 def test_unknown_depthwise_implementation_is_refused():
-    with pytest.raises(ValueError, match='depthwise implementation'):
+    with pytest.raises(ValueError, match='convolution implementation must be one of'):
         depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), 1, ((1, 1), (1, 1)),
                        'cudnn')
 
@@ -441,7 +442,7 @@ def test_auto_depthwise_lowers_for_every_platform_without_their_devices():
 DENSE_CASES = [(3, 1, (9, 8)), (3, 2, (10, 10)), (3, 2, (9, 11)), (1, 2, (8, 9))]
 
 
-@pytest.mark.parametrize('implementation', ['xla', 'im2col'])
+@pytest.mark.parametrize('implementation', ['xla', 'cpu'])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('k,stride,size', DENSE_CASES)
 def test_conv_kernel_gradient_equals_torch(implementation, padding, k, stride, size):
@@ -454,7 +455,7 @@ def test_conv_kernel_gradient_equals_torch(implementation, padding, k, stride, s
     assert_gradient_close(dw, dw_torch)
 
 
-@pytest.mark.parametrize('implementation', ['xla', 'im2col'])
+@pytest.mark.parametrize('implementation', ['xla', 'cpu'])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('k,stride,size', DENSE_CASES)
 def test_conv_forward_equals_torch(implementation, padding, k, stride, size):
@@ -480,7 +481,7 @@ def test_dense_conv_output_and_gradients_equal_torch(in_ch, out_ch, padding, k, 
 
 
 def test_unknown_conv_implementation_is_refused():
-    with pytest.raises(ValueError, match='conv implementation'):
+    with pytest.raises(ValueError, match='convolution implementation must be one of'):
         conv_kernel_gradient(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)), 3, 1,
                              ((1, 1), (1, 1)), 'winograd')
 
