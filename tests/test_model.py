@@ -1,5 +1,5 @@
 """Specification of the whole model: eval and train modes, RNG streams, features_only,
-num_classes=0, bfloat16, remat. B0 at 32 px, batch 2: small and fast.
+num_classes=0, bfloat16, remat, and `create_model`'s overrides. B0 at 32 px, batch 2.
 
 Numerical agreement with PyTorch is test_equivalence.py's; tolerances come from test_kernels.py.
 """
@@ -154,3 +154,17 @@ def test_model_remat_gives_the_same_logits_batch_stats_and_gradients(b0, b0_vari
     _assert_close_per_leaf(remat_grads, grads, REMAT_RTOL)
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads['classifier']))
 
+
+def test_create_model_takes_the_variant_rates_unless_overridden():
+    variant = effnetv2_jax.get_variant('b0')
+    model = effnetv2_jax.create_model('b0', num_classes=NUM_CLASSES, drop_path_rate=0.1,
+                                      padding='same', remat=True)
+    assert (model.variant, model.num_classes) == (variant, NUM_CLASSES)
+    assert (model.dropout_rate, model.drop_path_rate) == (variant.dropout_rate, 0.1)
+    assert (model.padding, model.remat) == ('same', True)
+
+
+@pytest.mark.parametrize('override', ['depthwise_implementation', 'variant', 'dropout'])
+def test_create_model_rejects_what_is_not_an_override(override):
+    with pytest.raises(TypeError, match=rf"unknown override\(s\) \['{override}'\]; valid: "):
+        effnetv2_jax.create_model('b0', **{override: 'xla'})
