@@ -29,6 +29,7 @@ from jax.experimental import topologies
 
 import effnetv2_jax
 from benchmarks.throughput import jax_train_step
+from effnetv2_jax import kernels
 
 DEFAULT_CASES = ['s:512:24', 's:300:128', 'm:384:128', 'l:384:128']
 
@@ -70,11 +71,11 @@ def h200_sharding() -> jax.sharding.NamedSharding:
 
 
 def step_memory(variant: str, size: int, batch: int, dtype, remat: bool,
-                depthwise_implementation: str, sharding=None) -> dict:
+                conv_implementation: str, sharding=None) -> dict:
     """Bytes of the compiled train step: 'state', 'batch', 'temp', 'total'; and compile seconds.
-    Compiled for `sharding`'s device, else for the default one."""
-    model = effnetv2_jax.create_model(variant, dtype=dtype, remat=remat,
-                                      depthwise_implementation=depthwise_implementation)
+    Compiled for `sharding`'s device, else for the default one, with the convolutions of
+    `conv_implementation` (one of `kernels.IMPLEMENTATIONS`)."""
+    model = effnetv2_jax.create_model(variant, dtype=dtype, remat=remat)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     tx = optax.sgd(0.1, momentum=0.9)
     state = (variables['params'], variables['batch_stats'],
@@ -86,7 +87,9 @@ def step_memory(variant: str, size: int, batch: int, dtype, remat: bool,
         arguments = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), arguments)
     start = time.perf_counter()
-    compiled = jax.jit(jax_train_step(model, tx), donate_argnums=0).lower(*arguments).compile()
+    with kernels.use_implementation(conv_implementation):
+        lowered = jax.jit(jax_train_step(model, tx), donate_argnums=0).lower(*arguments)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     batch_bytes = images.size * 4 + batch * 4
@@ -103,8 +106,9 @@ def main(argv=None) -> None:
                                 description=__doc__.split('\n\n')[0])
     p.add_argument('--cases', nargs='+', default=DEFAULT_CASES, help='variant:size:batch')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='bfloat16')
-    p.add_argument('--depthwise-implementation', default='xla', help="default 'xla', the "
-                   "grouped convolution GPUs and TPUs run (the CPU path plans memory differently)")
+    p.add_argument('--conv-implementation', choices=kernels.IMPLEMENTATIONS, default='xla',
+                   help="default 'xla', the convolutions GPUs and TPUs run (the CPU paths plan "
+                   "memory differently)")
     p.add_argument('--target', choices=('local', 'h200'), default='local',
                    help="'local': this machine's default device; 'h200': compile for an NVIDIA "
                    "H200 without one (needs jax[cuda12])")
@@ -120,7 +124,7 @@ def main(argv=None) -> None:
         variant, size, batch = case.split(':')
         for remat in (False, True):
             r = step_memory(variant, int(size), int(batch), jnp.dtype(args.dtype), remat,
-                            args.depthwise_implementation, sharding)
+                            args.conv_implementation, sharding)
             print(f"| {variant.upper()} | {size} | {batch} | {'yes' if remat else 'no'} | "
                   f"{r['state'] / gib:.2f} GiB | {r['temp'] / gib:.2f} GiB | "
                   f"{r['total'] / gib:.2f} GiB | {r['compile_s']:.0f} s |", flush=True)

@@ -19,7 +19,8 @@ class FusedMBConv(nn.Module):
     """kxk conv expand (+ 1x1 project), residual with drop path when stride 1 and in == out.
 
     With expansion 1 the block is one kxk ConvBNAct *with* activation (named `project_conv`, as
-    in the seed). Input (N, H, W, C_in); output (N, H/stride, W/stride, out_channels).
+    in WZMIAOMIAO's model.py). Input (N, H, W, C_in); output (N, H/stride, W/stride,
+    out_channels).
     """
 
     out_channels: int
@@ -33,14 +34,15 @@ class FusedMBConv(nn.Module):
     def __call__(self, x, train: bool = False):
         in_channels = x.shape[-1]
         if self.expansion == 1:
-            y = self.conv(self.out_channels, self.kernel_size, self.stride, name='project_conv')(
-                x, train)
+            y = self.conv(features=self.out_channels, kernel_size=self.kernel_size,
+                          stride=self.stride, name='project_conv')(x, train)
         else:
-            y = self.conv(in_channels * self.expansion, self.kernel_size, self.stride,
-                          name='expand_conv')(x, train)
-            y = self.conv(self.out_channels, 1, activation=None, name='project_conv')(y, train)
+            y = self.conv(features=in_channels * self.expansion, kernel_size=self.kernel_size,
+                          stride=self.stride, name='expand_conv')(x, train)
+            y = self.conv(features=self.out_channels, kernel_size=1, activation=None,
+                          name='project_conv')(y, train)
         if self.stride == 1 and in_channels == self.out_channels:
-            y = DropPath(self.drop_path_rate)(y, deterministic=not train) + x
+            y = DropPath(rate=self.drop_path_rate)(y, deterministic=not train) + x
         return y
 
 
@@ -63,14 +65,16 @@ class MBConv(nn.Module):
     def __call__(self, x, train: bool = False):
         in_channels = x.shape[-1]
         expanded = in_channels * self.expansion
-        y = self.conv(expanded, 1, name='expand_conv')(x, train)
-        y = self.conv(expanded, self.kernel_size, self.stride, groups=expanded, name='dwconv')(
-            y, train)
+        y = self.conv(features=expanded, kernel_size=1, name='expand_conv')(x, train)
+        y = self.conv(features=expanded, kernel_size=self.kernel_size, stride=self.stride,
+                      groups=expanded, name='dwconv')(y, train)
         if self.se_ratio > 0:
-            y = self.squeeze_excite(int(in_channels * self.se_ratio), name='se')(y)
-        y = self.conv(self.out_channels, 1, activation=None, name='project_conv')(y, train)
+            y = self.squeeze_excite(squeeze_channels=int(in_channels * self.se_ratio),
+                                    name='se')(y)
+        y = self.conv(features=self.out_channels, kernel_size=1, activation=None,
+                      name='project_conv')(y, train)
         if self.stride == 1 and in_channels == self.out_channels:
-            y = DropPath(self.drop_path_rate)(y, deterministic=not train) + x
+            y = DropPath(rate=self.drop_path_rate)(y, deterministic=not train) + x
         return y
 
 
@@ -84,15 +88,22 @@ class EfficientNetV2(nn.Module):
     pooled features (N, head_channels) when `num_classes == 0`; with `features_only`, a list with
     the feature map at the end of every stage, (N, H_s, W_s, C_s) each. `train=True` uses batch
     statistics (pass `mutable=['batch_stats']`) and needs the `dropout` and `drop_path` RNG
-    streams when those rates are non-zero; `train=False` is deterministic.
+    streams when those rates are non-zero; `train=False` is deterministic. How convolutions are
+    computed is no field: it is chosen per platform when compiled, or for a whole model with
+    `effnetv2_jax.kernels.use_implementation`.
 
     Attributes:
         variant: the architecture (see `effnetv2_jax.configs`).
-        padding: 'symmetric' (seed, torchvision, timm) or 'same' (TensorFlow, timm `tf_*`).
+        num_classes: classifier outputs; 0 for no classifier (pooled features out).
+        dropout_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, growing linearly from 0 at the first block to this.
+        padding: 'symmetric' (PyTorch: torchvision, timm, WZMIAOMIAO's model.py) or 'same'
+            (TensorFlow, timm `tf_*`).
+        bn_eps, bn_momentum: BatchNorm epsilon and weight of the old running statistics.
         dtype: compute dtype; BatchNorm statistics and the logits stay float32.
+        param_dtype: parameter dtype.
         remat: recompute each block's activations in the backward pass (less memory).
-        depthwise_implementation: 'auto' (shifted multiply-adds on CPU, XLA's grouped
-            convolution elsewhere), 'xla' or 'shifted'; see `layers.depthwise_conv`.
+        features_only: return the stage outputs instead of the logits.
     """
 
     variant: Variant
@@ -106,18 +117,17 @@ class EfficientNetV2(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     features_only: bool = False
-    depthwise_implementation: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = functools.partial(
             ConvBNAct, padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
-            dtype=self.dtype, param_dtype=self.param_dtype,
-            depthwise_implementation=self.depthwise_implementation)
+            dtype=self.dtype, param_dtype=self.param_dtype)
         squeeze_excite = functools.partial(
             SqueezeExcite, dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
-        x = conv(self.variant.stem_channels, 3, 2, name='stem')(x, train)
+        x = conv(features=self.variant.stem_channels, kernel_size=3, stride=2, name='stem')(
+            x, train)
 
         stage_outputs = []
         block_id, total = 0, self.variant.num_blocks
@@ -129,20 +139,21 @@ class EfficientNetV2(nn.Module):
                      if stage.block == 'mbconv' else {})
             for j in range(stage.repeats):
                 x = block_cls(
-                    stage.out_channels, stage.expansion, stage.stride if j == 0 else 1,
-                    stage.kernel_size, drop_path_rate=self.drop_path_rate * block_id / total,
-                    conv=conv, name=f'blocks_{block_id}', **extra)(x, train)
+                    out_channels=stage.out_channels, expansion=stage.expansion,
+                    stride=stage.stride if j == 0 else 1, kernel_size=stage.kernel_size,
+                    drop_path_rate=self.drop_path_rate * block_id / total, conv=conv,
+                    name=f'blocks_{block_id}', **extra)(x, train)
                 block_id += 1
             stage_outputs.append(x)
         if self.features_only:
             return stage_outputs
 
-        x = conv(self.variant.head_channels, 1, name='head_conv')(x, train)
+        x = conv(features=self.variant.head_channels, kernel_size=1, name='head_conv')(x, train)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes == 0:
             return x
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+        x = nn.Dropout(rate=self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(features=self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                         kernel_init=nn.initializers.normal(0.01), name='classifier')(x)
 
 
@@ -155,7 +166,8 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
     """Builds an `EfficientNetV2` linen module with the variant's default rates.
 
     `overrides` are `EfficientNetV2` field names (`dropout_rate`, `drop_path_rate`, `padding`,
-    `bn_eps`, `dtype`, `param_dtype`, `remat`, `features_only`, `depthwise_implementation`).
+    `bn_eps`, `bn_momentum`, `dtype`, `param_dtype`, `remat`, `features_only`); any other name
+    raises TypeError.
     """
     variant = get_variant(name)
     fields = {f.name for f in dataclasses.fields(EfficientNetV2)} - {'parent', 'name', 'variant'}
@@ -164,7 +176,7 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
         raise TypeError(f'unknown override(s) {sorted(unknown)}; valid: {sorted(fields)}')
     kwargs = {'dropout_rate': variant.dropout_rate, 'drop_path_rate': variant.drop_path_rate}
     kwargs.update(overrides)
-    return EfficientNetV2(variant, num_classes=num_classes, **kwargs)
+    return EfficientNetV2(variant=variant, num_classes=num_classes, **kwargs)
 
 
 def abstract_variables(model: nn.Module, image_size: int = 32) -> dict:

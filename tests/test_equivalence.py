@@ -21,6 +21,7 @@ from helpers import (SOURCES, assert_logits_close, convert, jitted_apply, noise,
                       torch_logits)
 from convert import torch_reference
 from convert.torch_reference import randomize_
+from effnetv2_jax import kernels
 from effnetv2_jax.configs import VARIANTS
 
 # TF 'same' padding differs from symmetric only on even sizes: test both. 96 px (3x3 in the
@@ -56,7 +57,8 @@ def test_eval_logits_match_pytorch_with_xla_depthwise_convolution(source, size, 
     module = randomize_(factory(), seed=len(source), calibration_size=SIZES[0])
     model, variables, _ = convert(module, tmp_path, *flags)
     images = noise(size)
-    logits = jax.jit(model.clone(depthwise_implementation='xla').apply)(variables, images)
+    with kernels.use_implementation('xla'):
+        logits = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
     assert_logits_close(np.asarray(logits), torch_logits(module, images))
 
 

@@ -21,6 +21,7 @@ import torchvision
 from helpers import TIMM_TF_SYMMETRIC, assert_logits_close, convert, noise
 from convert import converter, torch_reference
 from convert.torch_reference import randomize_
+from effnetv2_jax import kernels
 
 GRAD_RTOL, GRAD_ATOL_OF_MAX = 1e-4, 1e-6
 
@@ -63,12 +64,12 @@ def train_step_results(request, tmp_path_factory):
     factory, flags, size = TRAIN_SOURCES[source]
     module = randomize_(factory(), seed=3, calibration_size=size)
     model, variables, metadata = convert(module, tmp_path_factory.mktemp('train'), *flags)
-    model = model.clone(dropout_rate=0.0, drop_path_rate=0.0,
-                        depthwise_implementation=implementation)
+    model = model.clone(dropout_rate=0.0, drop_path_rate=0.0)
     images = noise(size, batch=4, seed=5)
     labels = np.array([1, 5, 7, 3])
     torch_out = torch_train_step(module, images, labels)
-    logits, grads, batch_stats = flax_train_step(model, variables, images, labels)
+    with kernels.use_implementation(implementation):
+        logits, grads, batch_stats = flax_train_step(model, variables, images, labels)
     as_torch = converter.flax_to_torch({'params': grads, 'batch_stats': batch_stats}, metadata,
                                        metadata['source_layout'])
     return torch_out, (logits, as_torch)

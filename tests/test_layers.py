@@ -1,12 +1,10 @@
-"""Specification of the layers (and a few model-level behaviours), checked against real PyTorch ops.
+"""Specification of the layers (BatchNorm, ConvBNAct, SqueezeExcite, DropPath), checked against real
+PyTorch ops.
 
-Layouts: PyTorch activations are NCHW and conv weights OIHW; Flax activations are NHWC and conv
-kernels HWIO, so a torch weight becomes a Flax kernel by `transpose(2, 3, 1, 0)` (a depthwise
-(C, 1, k, k) weight becomes (k, k, 1, C) with `groups=C`).
-
-Tolerances (float32 on CPU). Outputs are compared with `OUT_RTOL`/`OUT_ATOL`, running statistics
-with `STAT_RTOL`/`STAT_ATOL`; the reasons and the measured errors are next to the constants.
-Images are tiny (at most 32 px, batch 2) because XLA's CPU depthwise convolution is slow.
+Layouts and the output tolerance `OUT_RTOL`/`OUT_ATOL`: see test_kernels.py. Running statistics
+are compared with `STAT_RTOL`/`STAT_ATOL`; the reasons and the measured errors are next to the
+constants. Images are tiny (at most 32 px, batch 2) because XLA's CPU depthwise convolution is
+slow.
 """
 from __future__ import annotations
 
@@ -18,20 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import effnetv2_jax
-from helpers import random_variables
 from convert import torch_reference
-from effnetv2_jax.layers import (IM2COL_MAX_INPUT_FEATURES, IM2COL_MIN_FEATURES, BatchNorm,
-                                 ConvBNAct, DropPath, SqueezeExcite, conv_forward,
-                                 conv_kernel_gradient, dense_conv, depthwise_conv,
-                                 explicit_padding)
+from effnetv2_jax import kernels
+from effnetv2_jax.layers import BatchNorm, ConvBNAct, DropPath, SqueezeExcite
+from test_kernels import (DEPTHWISE_CASES, OUT_ATOL, assert_close, f32, nchw, nhwc,
+                          random_conv_weight, tf_same_pad, to_hwio)
 
-# Layer outputs (BatchNorm, ConvBNAct, SqueezeExcite) reach |y| ~ 5..18 here, and the two
-# frameworks sum in different orders, so they differ by an ulp or two of the largest values:
-# measured max |jax - torch| over 5 seeds was 2.4e-6 (BN train), 1.9e-6 (BN eval), 1.4e-6 (conv +
-# BN + SiLU, dense and depthwise), 2.4e-7 (squeeze-excite). An elementwise relative bound alone
-# fails on outputs near zero, hence the absolute term, ~4x the worst measured error.
-OUT_RTOL, OUT_ATOL = 1e-5, 1e-5
 # Running statistics are O(1) and one multiply-add away from a batch mean: measured max abs error
 # 4.2e-7 (mean) and 2.4e-7 (var). The biased-vs-unbiased variance difference this must resolve
 # is 0.1 * var / (count - 1) >= 2e-4 per channel for the batch used (count 120, var >= 0.25),
@@ -45,26 +35,6 @@ TORCH_BN_MOMENTUM = 0.1  # == momentum 0.9 of `BatchNorm` (weight of the *old* s
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    """NHWC numpy -> NCHW torch."""
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    """NCHW torch -> NHWC numpy."""
-    return t.detach().permute(0, 2, 3, 1).numpy()
-
-
-def to_hwio(weight: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Torch conv weight OIHW (depthwise: (C, 1, k, k)) -> Flax kernel HWIO ((k, k, 1, C))."""
-    weight = weight.detach().numpy() if isinstance(weight, torch.Tensor) else weight
-    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
-
-
-def f32(a) -> np.ndarray:
-    return np.asarray(a, np.float32)
 
 
 def random_bn_stats(rng, channels):
@@ -108,14 +78,6 @@ def torch_conv_bn_act(x_nchw, conv_weight, bn_stats, stride, padding, groups=1, 
                  groups=groups)
     y = F.batch_norm(y, mean, var, weight, bias, training=False, eps=BN_EPS)
     return F.silu(y) if act else y
-
-
-def random_conv_weight(rng, out_ch, in_ch_per_group, k):
-    return f32(rng.normal(size=(out_ch, in_ch_per_group, k, k)) / np.sqrt(in_ch_per_group * k * k))
-
-
-def assert_close(actual, desired, rtol=OUT_RTOL, atol=OUT_ATOL):
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,17 +213,19 @@ def _conv_bn_case(seed, size, in_ch=6, out_ch=8, k=3, groups=1):
 
 
 def _flax_conv_bn_act(x, weight, bn_stats, k, stride, padding, groups=1, activation=jax.nn.silu,
-                      depthwise_implementation='auto'):
-    layer = ConvBNAct(weight.shape[0], k, stride, groups=groups, padding=padding,
-                      activation=activation, depthwise_implementation=depthwise_implementation)
-    return layer.apply(conv_bn_variables(weight, bn_stats), x, train=False)
+                      implementation='auto'):
+    layer = ConvBNAct(features=weight.shape[0], kernel_size=k, stride=stride, groups=groups,
+                      padding=padding, activation=activation)
+    with kernels.use_implementation(implementation):
+        return layer.apply(conv_bn_variables(weight, bn_stats), x, train=False)
 
 
 @pytest.mark.parametrize('k,groups', [(1, 1), (3, 1), (3, 8), (5, 8)])
 def test_convbnact_kernel_is_torch_weight_transposed_to_hwio(k, groups):
     in_ch = 8
     x = jnp.zeros((1, 8, 8, in_ch))
-    shapes = jax.eval_shape(ConvBNAct(8, k, groups=groups).init, jax.random.key(0), x)
+    layer = ConvBNAct(features=8, kernel_size=k, groups=groups)
+    shapes = jax.eval_shape(layer.init, jax.random.key(0), x)
     torch_conv = torch.nn.Conv2d(in_ch, 8, k, groups=groups, bias=False)
     assert shapes['params']['conv']['kernel'].shape == to_hwio(torch_conv.weight).shape
     assert 'bias' not in shapes['params']['conv']
@@ -333,29 +297,17 @@ def test_convbnact_matches_torch_reference_convbnact(padding, k, stride, size):
 def test_convbnact_rejects_unknown_padding():
     x = jnp.zeros((1, 4, 4, 2))
     with pytest.raises(ValueError, match='padding'):
-        jax.eval_shape(ConvBNAct(2, 3, padding='valid').init, jax.random.key(0), x)
+        jax.eval_shape(ConvBNAct(features=2, kernel_size=3, padding='valid').init,
+                       jax.random.key(0), x)
 
 
 def test_convbnact_rejects_groups_other_than_one_or_depthwise():
     x = jnp.zeros((1, 4, 4, 8))
     with pytest.raises(ValueError, match='groups must be 1'):
-        jax.eval_shape(ConvBNAct(8, 3, groups=2).init, jax.random.key(0), x)
+        jax.eval_shape(ConvBNAct(features=8, kernel_size=3, groups=2).init, jax.random.key(0), x)
 
 
-def tf_same_pad(x_nchw, k, stride):
-    """TensorFlow SAME padding done explicitly: total = max((ceil(n/s) - 1) s + k - n, 0),
-    split with the extra pixel at the bottom/right."""
-    pads = []
-    for n in (x_nchw.shape[-1], x_nchw.shape[-2]):  # F.pad lists the last dimension first
-        total = max((-(-n // stride) - 1) * stride + k - n, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x_nchw, pads)
-
-
-DEPTHWISE_CASES = [(3, 1, (9, 8)), (3, 2, (10, 10)), (5, 2, (9, 11)), (3, 2, (7, 6))]
-
-
-@pytest.mark.parametrize('implementation', ['xla', 'shifted', 'auto'])
+@pytest.mark.parametrize('implementation', ['xla', 'cpu', 'auto'])
 @pytest.mark.parametrize('padding', ['symmetric', 'same'])
 @pytest.mark.parametrize('k,stride,size', DEPTHWISE_CASES)
 def test_convbnact_depthwise_equals_torch_grouped_conv(implementation, padding, k, stride, size):
@@ -370,136 +322,17 @@ def test_convbnact_depthwise_equals_torch_grouped_conv(implementation, padding, 
         y_torch = torch_conv_bn_act(nchw(x), weight, bn_stats, stride, (k - 1) // 2,
                                     groups=channels)
     y = _flax_conv_bn_act(x, weight, bn_stats, k, stride, padding, groups=channels,
-                          depthwise_implementation=implementation)
+                          implementation=implementation)
     assert y.shape == nhwc(y_torch).shape
     assert_close(y, nhwc(y_torch))
-
-
-# Gradients of a sum of ~1e3 products: float32 rounding in a different order, ~1e-6 relative.
-CONV_GRAD_RTOL = 1e-5
-
-
-def torch_conv_gradients(rng, batch, size, in_ch, out_ch, k, stride, padding, groups=1):
-    """(x NHWC, torch weight, output cotangent NHWC, torch's y, dx NHWC and dweight HWIO) of a
-    conv with `padding` 'symmetric' or TensorFlow's 'same'."""
-    x = rng.standard_normal((batch, *size, in_ch)).astype(np.float32)
-    weight = random_conv_weight(rng, out_ch, in_ch // groups, k)
-    x_torch = nchw(x).clone().requires_grad_(True)
-    w_torch = torch.tensor(weight, requires_grad=True)
-    padded = tf_same_pad(x_torch, k, stride) if padding == 'same' else x_torch
-    y_torch = F.conv2d(padded, w_torch, stride=stride, groups=groups,
-                       padding=0 if padding == 'same' else (k - 1) // 2)
-    cotangent = rng.standard_normal(y_torch.shape).astype(np.float32)
-    y_torch.backward(torch.from_numpy(cotangent))
-    return (x, weight, cotangent.transpose(0, 2, 3, 1), nhwc(y_torch),
-            nhwc(x_torch.grad), to_hwio(w_torch.grad.numpy()))
-
-
-def assert_gradient_close(got, expected):
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=CONV_GRAD_RTOL,
-                               atol=CONV_GRAD_RTOL * np.max(np.abs(expected)))
-
-
-def assert_conv_and_gradients_equal(conv, torch_case):
-    """`conv(x NHWC, kernel HWIO)` gives torch's output, input gradient and weight gradient."""
-    x, weight, cotangent, y_torch, dx_torch, dw_torch = torch_case
-    y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(to_hwio(weight)))
-    dx, dw = vjp(jnp.asarray(cotangent))
-    assert_close(y, y_torch)
-    assert_gradient_close(dx, dx_torch)
-    assert_gradient_close(dw, dw_torch)
-
-
-@pytest.mark.parametrize('implementation', ['xla', 'shifted'])
-@pytest.mark.parametrize('padding', ['symmetric', 'same'])
-@pytest.mark.parametrize('batch', [3, 16])  # the CPU kernel gradient sums groups of <= 8 images
-@pytest.mark.parametrize('k,stride,size', DEPTHWISE_CASES)
-def test_depthwise_conv_gradients_equal_torch(implementation, padding, batch, k, stride, size):
-    rng = np.random.default_rng(k * 100 + stride * 10 + batch)
-    channels = 5
-    case = torch_conv_gradients(rng, batch, size, channels, channels, k, stride, padding,
-                                groups=channels)
-    pads = explicit_padding(padding, k, stride, size)
-    assert_conv_and_gradients_equal(
-        lambda x, w: depthwise_conv(x, w, stride, pads, implementation), case)
-
-
-def test_unknown_depthwise_implementation_is_refused():
-    with pytest.raises(ValueError, match='depthwise implementation'):
-        depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), 1, ((1, 1), (1, 1)),
-                       'cudnn')
-
-
-def test_auto_depthwise_lowers_for_every_platform_without_their_devices():
-    exported = jax.export.export(
-        jax.jit(lambda x, w: depthwise_conv(x, w, 2, ((0, 1), (0, 1)))),
-        platforms=('cpu', 'cuda', 'tpu'))(jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 1, 4)))
-    assert exported.platforms == ('cpu', 'cuda', 'tpu')
-    assert 'convolution' in exported.mlir_module()  # the grouped conv, for cuda and tpu
-
-
-DENSE_CASES = [(3, 1, (9, 8)), (3, 2, (10, 10)), (3, 2, (9, 11)), (1, 2, (8, 9))]
-
-
-@pytest.mark.parametrize('implementation', ['xla', 'im2col'])
-@pytest.mark.parametrize('padding', ['symmetric', 'same'])
-@pytest.mark.parametrize('k,stride,size', DENSE_CASES)
-def test_conv_kernel_gradient_equals_torch(implementation, padding, k, stride, size):
-    rng = np.random.default_rng(k * 100 + stride * 10 + size[1])
-    x, _, cotangent, _, _, dw_torch = torch_conv_gradients(rng, 3, size, 6, 8, k, stride, padding)
-    pads = explicit_padding(padding, k, stride, size)
-    dw = conv_kernel_gradient(jnp.asarray(x), jnp.asarray(cotangent), k, stride, pads,
-                              implementation)
-    assert dw.dtype == jnp.float32
-    assert_gradient_close(dw, dw_torch)
-
-
-@pytest.mark.parametrize('implementation', ['xla', 'im2col'])
-@pytest.mark.parametrize('padding', ['symmetric', 'same'])
-@pytest.mark.parametrize('k,stride,size', DENSE_CASES)
-def test_conv_forward_equals_torch(implementation, padding, k, stride, size):
-    rng = np.random.default_rng(k * 100 + stride * 10 + size[1])
-    x, weight, _, y_torch, _, _ = torch_conv_gradients(rng, 3, size, 3, 8, k, stride, padding)
-    pads = explicit_padding(padding, k, stride, size)
-    assert_close(conv_forward(jnp.asarray(x), jnp.asarray(to_hwio(weight)), stride, pads,
-                              implementation), y_torch)
-
-
-# 'auto' is im2col on CPU from IM2COL_MIN_FEATURES outputs on for the kernel gradient, and up to
-# IM2COL_MAX_INPUT_FEATURES inputs for the forward, XLA's otherwise: every branch, through the
-# custom_vjp.
-@pytest.mark.parametrize('in_ch', [IM2COL_MAX_INPUT_FEATURES, 6])
-@pytest.mark.parametrize('out_ch', [8, IM2COL_MIN_FEATURES])
-@pytest.mark.parametrize('padding', ['symmetric', 'same'])
-@pytest.mark.parametrize('k,stride,size', DENSE_CASES)
-def test_dense_conv_output_and_gradients_equal_torch(in_ch, out_ch, padding, k, stride, size):
-    rng = np.random.default_rng(in_ch + out_ch + k * 100 + stride * 10 + size[1])
-    case = torch_conv_gradients(rng, 3, size, in_ch, out_ch, k, stride, padding)
-    pads = explicit_padding(padding, k, stride, size)
-    assert_conv_and_gradients_equal(lambda x, w: dense_conv(x, w, stride, pads), case)
-
-
-def test_unknown_conv_implementation_is_refused():
-    with pytest.raises(ValueError, match='conv implementation'):
-        conv_kernel_gradient(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 4, 4, 3)), 3, 1,
-                             ((1, 1), (1, 1)), 'winograd')
-
-
-def test_auto_dense_conv_and_gradient_lower_for_every_platform_without_their_devices():
-    def loss(x, w):
-        return dense_conv(x, w, 2, ((0, 1), (0, 1))).sum()
-    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=1)),
-                                 platforms=('cpu', 'cuda', 'tpu'))(
-        jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 4, IM2COL_MIN_FEATURES)))
-    assert exported.platforms == ('cpu', 'cuda', 'tpu')
 
 
 def test_convbnact_train_step_matches_torch_conv_and_batchnorm2d():
     x, weight, bn_stats = _conv_bn_case(7, (10, 10))
     bn = torch_bn(*bn_stats).train()
     y_torch = nhwc(F.silu(bn(F.conv2d(nchw(x), torch.from_numpy(weight), stride=2, padding=1))))
-    y, updated = ConvBNAct(8, 3, 2).apply(conv_bn_variables(weight, bn_stats), x, train=True,
-                                          mutable=['batch_stats'])
+    y, updated = ConvBNAct(features=8, kernel_size=3, stride=2).apply(
+        conv_bn_variables(weight, bn_stats), x, train=True, mutable=['batch_stats'])
     assert_close(y, y_torch)
     assert_close(updated['batch_stats']['bn']['mean'], bn.running_mean.numpy(), STAT_RTOL,
                  STAT_ATOL)
@@ -529,21 +362,21 @@ def test_squeeze_excite_matches_torch_reference(seed):
     ref, variables, x = _se_pair(seed)
     with torch.no_grad():
         y_torch = nhwc(ref(nchw(x)))
-    y = SqueezeExcite(ref.conv_reduce.out_channels).apply(variables, x)
+    y = SqueezeExcite(squeeze_channels=ref.conv_reduce.out_channels).apply(variables, x)
     assert y.shape == x.shape
     assert_close(y, y_torch)
 
 
 def test_squeeze_excite_parameters_are_1x1_convs_with_bias_shaped_like_torch():
     ref, variables, x = _se_pair(0)
-    shapes = jax.eval_shape(SqueezeExcite(2).init, jax.random.key(0), x)
+    shapes = jax.eval_shape(SqueezeExcite(squeeze_channels=2).init, jax.random.key(0), x)
     assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, variables)
     assert shapes['params']['conv_reduce']['kernel'].shape == (1, 1, 32, 2)
 
 
 def test_squeeze_excite_gates_each_channel_of_each_sample_by_a_factor_in_0_1():
     _, variables, x = _se_pair(1)
-    y = np.asarray(SqueezeExcite(2).apply(variables, x))
+    y = np.asarray(SqueezeExcite(squeeze_channels=2).apply(variables, x))
     gate = y / x  # one gate per (sample, channel), constant over H and W
     np.testing.assert_allclose(gate, np.broadcast_to(gate[:, :1, :1], gate.shape), rtol=1e-5)
     assert np.all((gate > 0) & (gate < 1))
@@ -555,17 +388,15 @@ def test_squeeze_excite_gates_each_channel_of_each_sample_by_a_factor_in_0_1():
 
 def _drop_path(rate, x, key=None, deterministic=False):
     rngs = {} if key is None else {'drop_path': key}
-    return DropPath(rate).apply({}, x, deterministic=deterministic, rngs=rngs)
+    return DropPath(rate=rate).apply({}, x, deterministic=deterministic, rngs=rngs)
 
 
-def test_drop_path_is_identity_when_deterministic_and_needs_no_rng():
+@pytest.mark.parametrize('rate,deterministic', [(0.5, True), (0.0, False)],
+                         ids=['deterministic', 'rate-zero'])
+def test_drop_path_is_identity_and_needs_no_rng_when_deterministic_or_at_rate_zero(
+        rate, deterministic):
     x = f32(np.random.default_rng(0).normal(size=(8, 3, 3, 4)))
-    np.testing.assert_array_equal(_drop_path(0.5, x, deterministic=True), x)
-
-
-def test_drop_path_is_identity_at_rate_zero_and_needs_no_rng():
-    x = f32(np.random.default_rng(0).normal(size=(8, 3, 3, 4)))
-    np.testing.assert_array_equal(_drop_path(0.0, x, deterministic=False), x)
+    np.testing.assert_array_equal(_drop_path(rate, x, deterministic=deterministic), x)
 
 
 def test_drop_path_raises_without_drop_path_rng_when_active():
@@ -615,146 +446,3 @@ def test_drop_path_output_mean_equals_input_mean():
     y = np.asarray(_drop_path(RATE, jnp.ones((N_SAMPLES, 1, 1, 2)), jax.random.key(4)))
     sigma = np.sqrt(RATE / ((1 - RATE) * N_SAMPLES))  # 0.0046
     assert abs(y.mean() - 1.0) < 5 * sigma, y.mean()
-
-
-# --------------------------------------------------------------------------------------------
-# The model (b0, 32 px, batch 2: small and fast)
-
-IMAGE_SHAPE = (2, 32, 32, 3)
-NUM_CLASSES = 10
-
-
-@pytest.fixture(scope='module')
-def images():
-    return jnp.asarray(np.random.default_rng(0).normal(size=IMAGE_SHAPE), jnp.float32)
-
-
-@pytest.fixture(scope='module')
-def b0():
-    return effnetv2_jax.create_model('b0', num_classes=NUM_CLASSES)
-
-
-@pytest.fixture(scope='module')
-def b0_variables(b0, images):
-    return random_variables(b0, images)
-
-
-def _rngs(dropout=1, drop_path=2):
-    return {'dropout': jax.random.key(dropout), 'drop_path': jax.random.key(drop_path)}
-
-
-def test_model_eval_needs_no_rng_and_is_deterministic(b0, b0_variables, images):
-    first = b0.apply(b0_variables, images, train=False)
-    second = b0.apply(b0_variables, images, train=False)
-    assert first.shape == (IMAGE_SHAPE[0], NUM_CLASSES) and first.dtype == jnp.float32
-    np.testing.assert_array_equal(first, second)
-
-
-@pytest.mark.parametrize('missing', ['dropout', 'drop_path'])
-def test_model_train_with_nonzero_rates_raises_without_each_rng(b0, b0_variables, images,
-                                                                 missing):
-    assert b0.dropout_rate > 0 and b0.drop_path_rate > 0
-    rngs = {name: key for name, key in _rngs().items() if name != missing}
-    with pytest.raises(flax.errors.InvalidRngError, match=missing):
-        b0.apply(b0_variables, images, train=True, mutable=['batch_stats'], rngs=rngs)
-
-
-def test_model_train_is_reproducible_with_the_same_rngs(b0, b0_variables, images):
-    run = lambda rngs: b0.apply(b0_variables, images, train=True, mutable=['batch_stats'],
-                                rngs=rngs)
-    (logits, stats), (again, stats_again) = run(_rngs()), run(_rngs())
-    np.testing.assert_array_equal(logits, again)
-    jax.tree.map(np.testing.assert_array_equal, stats, stats_again)
-    other_drop_path, _ = run(_rngs(drop_path=3))
-    other_dropout, _ = run(_rngs(dropout=3))
-    assert not np.array_equal(logits, other_drop_path)
-    assert not np.array_equal(logits, other_dropout)
-
-
-def test_model_features_only_returns_one_map_per_stage_with_config_channels_and_strides(
-        b0, images):
-    model = b0.clone(features_only=True)
-    variables = random_variables(model, images)
-    features = model.apply(variables, images, train=False)
-    variant = effnetv2_jax.get_variant('b0')
-    assert len(features) == len(variant.stages)
-    reduction = 2  # the stem
-    for feature, stage in zip(features, variant.stages):
-        reduction *= stage.stride
-        size = IMAGE_SHAPE[1] // reduction
-        assert feature.shape == (IMAGE_SHAPE[0], size, size, stage.out_channels)
-    assert 'head_conv' not in variables['params'] and 'classifier' not in variables['params']
-
-
-def test_model_without_classes_returns_the_pooled_features_the_classifier_sees(
-        b0, b0_variables, images):
-    model = effnetv2_jax.create_model('b0', num_classes=0)
-    params = dict(b0_variables['params'])
-    classifier = params.pop('classifier')
-    pooled = model.apply({**b0_variables, 'params': params}, images, train=False)
-    head = effnetv2_jax.get_variant('b0').head_channels
-    assert pooled.shape == (IMAGE_SHAPE[0], head) and pooled.dtype == jnp.float32
-    assert 'classifier' not in jax.eval_shape(
-        lambda: model.init(jax.random.key(0), images))['params']
-    logits = b0.apply(b0_variables, images, train=False)
-    assert_close(pooled @ classifier['kernel'] + classifier['bias'], logits)
-
-
-def test_model_bfloat16_returns_float32_logits_and_float32_batch_stats(b0, b0_variables,
-                                                                       images):
-    model = b0.clone(dtype=jnp.bfloat16)
-    train_step = jax.jit(lambda variables, x, rngs: model.apply(
-        variables, x, train=True, mutable=['batch_stats'], rngs=rngs))  # faster than eager here
-    logits, updated = train_step(b0_variables, images, _rngs())
-    assert logits.dtype == jnp.float32
-    assert {leaf.dtype for leaf in jax.tree.leaves(updated)} == {jnp.dtype(jnp.float32)}
-    assert np.all(np.isfinite(logits))
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), images))['params']
-    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-
-
-def test_model_clone_with_zero_drop_path_rate_needs_no_drop_path_rng(b0, b0_variables,
-                                                                     images):
-    model = b0.clone(drop_path_rate=0.0)
-    assert model.drop_path_rate == 0.0 and b0.drop_path_rate > 0  # the original is untouched
-    logits, _ = model.apply(b0_variables, images, train=True, mutable=['batch_stats'],
-                            rngs={'dropout': jax.random.key(0)})
-    assert logits.shape == (IMAGE_SHAPE[0], NUM_CLASSES)
-    no_rates = b0.clone(drop_path_rate=0.0, dropout_rate=0.0)
-    logits, _ = no_rates.apply(b0_variables, images, train=True, mutable=['batch_stats'])
-    assert np.all(np.isfinite(logits))
-
-
-# remat changes only what is stored for the backward pass, not the arithmetic: with XLA's grouped
-# depthwise conv, measured max |difference| exactly 0 for logits, batch_stats and gradients (jit,
-# CPU); the CPU depthwise path fuses the recomputed graph differently. The tolerance is relative
-# to each leaf's largest value, because train-mode BN over a batch of 2 at 1x1 spatial size makes
-# gradients reach ~1e9, floored at 1 % of the whole tree's largest value: the BN biases of a
-# block whose output feeds only another train-mode BN have an exact gradient of 0, and both sides
-# hold different rounding noise there.
-REMAT_RTOL = 1e-5
-
-
-def _assert_close_per_leaf(actual, desired, rtol):
-    floor = 0.01 * max(float(np.max(np.abs(d))) for d in jax.tree.leaves(desired))
-    jax.tree.map(lambda a, d: assert_close(a, d, rtol, rtol * max(float(np.max(np.abs(d))),
-                                                                  floor)),
-                 actual, desired)
-
-
-def test_model_remat_gives_the_same_logits_batch_stats_and_gradients(b0, b0_variables, images):
-    def grads_and_outputs(model):
-        def loss(params):
-            logits, updated = model.apply({**b0_variables, 'params': params}, images, train=True,
-                                          mutable=['batch_stats'])
-            return jnp.sum(logits ** 2), (logits, updated)
-        return jax.jit(jax.grad(loss, has_aux=True))(b0_variables['params'])
-
-    base = b0.clone(dropout_rate=0.0, drop_path_rate=0.0)
-    grads, (logits, stats) = grads_and_outputs(base)
-    remat_grads, (remat_logits, remat_stats) = grads_and_outputs(base.clone(remat=True))
-    _assert_close_per_leaf(remat_logits, logits, REMAT_RTOL)
-    _assert_close_per_leaf(remat_stats, stats, REMAT_RTOL)
-    assert jax.tree.structure(remat_grads) == jax.tree.structure(grads)
-    _assert_close_per_leaf(remat_grads, grads, REMAT_RTOL)
-    assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads['classifier']))
