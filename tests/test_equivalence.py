@@ -48,11 +48,12 @@ def test_eval_logits_match_pytorch(converted, size, record_property):
         np.asarray(jitted_apply(model)(variables, images)), torch_logits(module, images)))
 
 
-# On CPU the default depthwise implementation ('auto') is the shifted multiply-adds, so the tests
-# above check that one; XLA's grouped convolution (what GPUs and TPUs run) is checked here.
+# On CPU the default implementation ('auto') runs the CPU paths (shifted depthwise multiply-adds,
+# the stem as im2col), so the tests above check those; XLA's convolutions (what GPUs and TPUs run)
+# are checked here.
 @pytest.mark.parametrize('source', ['wzmiaomiao-b0', 'timm-tf-b0'])
 @pytest.mark.parametrize('size', SIZES)
-def test_eval_logits_match_pytorch_with_xla_depthwise_convolution(source, size, tmp_path):
+def test_eval_logits_match_pytorch_with_xla_convolutions(source, size, tmp_path):
     factory, flags = SOURCES[source]
     module = randomize_(factory(), seed=len(source), calibration_size=SIZES[0])
     model, variables, _ = convert(module, tmp_path, *flags)

@@ -32,8 +32,9 @@ TRAIN_SOURCES = {  # id -> (factory with drop rates 0, converter flags, size)
     'timm-tf-b0': (lambda: timm.create_model('tf_efficientnetv2_b0'), (), 64),
     'timm-s': (lambda: timm.create_model('efficientnetv2_s'), TIMM_TF_SYMMETRIC, 65),
 }
-# The default depthwise implementation on CPU is the shifted multiply-adds with a hand-written
-# backward; XLA's grouped convolution (GPU, TPU) is checked on two sources too.
+# The default implementation on CPU runs the CPU paths (shifted depthwise multiply-adds and im2col
+# kernel gradients, both with hand-written backwards); XLA's convolutions (GPU, TPU) are checked
+# on two sources too.
 CASES = [(source, 'auto') for source in TRAIN_SOURCES] + [
     ('timm-tf-b0', 'xla'), ('wzmiaomiao-s', 'xla')]
 
