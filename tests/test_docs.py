@@ -89,7 +89,7 @@ JUNIT_XML = """<?xml version="1.0" encoding="utf-8"?>
   name="test_predictor_matches_pytorch_with_its_own_transform_on_real_photos[timm-tf-b0]">
   <properties><property name="logit_error" value="1.1e-06"/></properties></testcase>
 <testcase classname="tests.test_equivalence"
-  name="test_eval_logits_match_pytorch_with_xla_depthwise_convolution[96-wzmiaomiao-b0]"/>
+  name="test_eval_logits_match_pytorch_with_xla_convolutions[96-wzmiaomiao-b0]"/>
 </testsuite></testsuites>
 """
 
