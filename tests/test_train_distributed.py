@@ -18,8 +18,8 @@ import pytest
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
-from train.checkpoints import Checkpoints
 from train.digits import materialize_digits
+from train.run_checkpoints import RunCheckpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 # 16 steps of 64 digits at 28 and 32 px, checkpoints every 4: long enough to be interrupted
@@ -54,8 +54,7 @@ def digits(tmp_path_factory):
 def final_state(workdir) -> dict:
     """The train state of the run's last checkpoint (params, BN statistics, optimizer, EMA,
     step), as numpy arrays, whatever device count wrote it."""
-    checkpoints = Checkpoints(workdir, keep=2)
-    step = checkpoints.latest_step()
+    step = RunCheckpoints(workdir, keep=2).latest_step()
     path = Path(workdir).absolute() / 'checkpoints' / str(step) / 'state'
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path)
@@ -80,8 +79,8 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
     from jax.sharding import Mesh
     import effnetv2_jax
     from train import trainer
-    from train.checkpoints import Checkpoints
     from train.config import TrainConfig
+    from train.run_checkpoints import RunCheckpoints
     from tests.test_train_distributed import max_relative_difference as worst
 
     config = dataclasses.replace(TrainConfig(), optimizer='sgd', momentum=0.0, weight_decay=0.0,
@@ -107,7 +106,7 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
         results[devices] = jax.device_get((state, metrics))
         assert len(jax.tree.leaves(state)[0].sharding.device_set) == devices
         if devices == 8:  # a checkpoint written from 8 devices ...
-            checkpoints = Checkpoints(sys.argv[1], keep=1)
+            checkpoints = RunCheckpoints(sys.argv[1], keep=1)
             checkpoints.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
                              stage=0, num_workers=0)
             checkpoints.wait()
@@ -115,7 +114,7 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
             abstract = jax.tree.map(
                     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                     sharding)
-            restored = Checkpoints(sys.argv[1], keep=1).restore_state(1, abstract)
+            restored = RunCheckpoints(sys.argv[1], keep=1).restore_state(1, abstract)
             jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), results[8][0])
             assert len(jax.tree.leaves(restored)[0].sharding.device_set) == 1
 

@@ -20,11 +20,11 @@ import effnetv2_jax
 from effnetv2_jax.checkpoint import build_model, read
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
-from train.checkpoints import Checkpoints
 from train.config import TrainConfig
 from train.digits import materialize_digits
 from train.progressive import make_stages, stage_at
 from train.report import Reporter, plot_curves
+from train.run_checkpoints import RunCheckpoints
 
 WEIGHTS_FILE = 'model.msgpack'  # the final weights, in `python -m convert`'s format
 
@@ -138,7 +138,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     abstract_state = jax.eval_shape(create, abstract_variables)
     state_sharding = trainer.state_shardings(mesh, abstract_state)
 
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

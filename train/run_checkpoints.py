@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: train state, the grain iterator's position and the stage.
+"""Orbax checkpoints of a training run (not the weights file, `effnetv2_jax.checkpoint`): train
+state, the grain iterator's position and the stage.
 
 Saves are asynchronous (the arrays are copied off the devices, then written in the background);
 `keep` most recent steps are kept. Restoring builds the state onto the current mesh, so a run
@@ -13,7 +14,9 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class Checkpoints:
+class RunCheckpoints:
+    """The run checkpoints under `workdir/checkpoints`, the `keep` most recent steps."""
+
     def __init__(self, workdir: str, keep: int):
         self.manager = ocp.CheckpointManager(
                 Path(workdir).absolute() / 'checkpoints',
