@@ -56,6 +56,20 @@ def test_command_line_flags_override_the_preset():
     assert set(PRESETS['imagenet-s']) <= {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+@pytest.mark.parametrize('args, message', [
+        (['--flip', 'maybe'], "argument --flip: 'maybe' is not a boolean"),
+        (['--batch-size', 'many'], "argument --batch-size: invalid int value: 'many'"),
+        (['--batch-size', '0'], '--batch-size must be at least 1, got 0'),
+        (['--optimizer', 'adam'], '--optimizer must be one of rmsprop, sgd, adamw'),
+        (['--eval-only'], '--eval-only needs --init WEIGHTS'),
+        (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+])
+def test_configuration_mistake_is_a_one_line_error(capsys, args, message):
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and message in err and '\n' not in err, err
+
+
 @pytest.mark.parametrize('optimizer', ['rmsprop', 'sgd', 'adamw'])
 def test_weight_decay_skips_batchnorm_and_biases(optimizer):
     config = dataclasses.replace(TrainConfig(), optimizer=optimizer, weight_decay=0.5)

@@ -168,6 +168,14 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, digits):
     assert difference <= 1e-4
 
 
+def test_batch_size_not_a_multiple_of_the_devices_is_a_one_line_error(tmp_path, digits):
+    result = train(tmp_path, '--data-dir', digits, '--batch-size', '12', devices=8, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert errors == ['error: --batch-size 12 is not a multiple of the 8 devices']
+    assert 'Traceback' not in result.stderr
+
+
 def interrupt(workdir, args, devices, after_step) -> subprocess.CompletedProcess:
     """Starts a run and sends it SIGTERM once it has logged `after_step`."""
     process = subprocess.Popen(

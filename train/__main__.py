@@ -1,4 +1,5 @@
-"""`python -m train`: see `python -m train --help` and the README's training section."""
+"""`python -m train`: the command line (exit status 2 and one line for a configuration or data
+error, 143 when preempted); see `python -m train --help` and the README's training section."""
 from __future__ import annotations
 
 import json
@@ -32,9 +33,17 @@ def init_distributed(config):
         jax.distributed.initialize()
 
 
+def _error(e: Exception) -> int:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    from train.config import parse_args
-    config = parse_args(argv)
+    from train.config import ConfigError, parse_args
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:  # before importing JAX: flag mistakes are reported at once
+        return _error(e)
     init_distributed(config)
     from effnetv2_jax import enable_compilation_cache
     enable_compilation_cache()
@@ -50,9 +59,8 @@ def main(argv=None) -> int:
             print(json.dumps(result))
             return 0
         summary = loop.train_and_evaluate(config)
-    except DataError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except (ConfigError, DataError) as e:
+        return _error(e)
     except loop.Preempted as e:
         print(str(e), file=sys.stderr)
         return 143  # 128 + SIGTERM: the run is not finished; schedulers may requeue it

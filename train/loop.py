@@ -20,7 +20,7 @@ import effnetv2_jax
 from effnetv2_jax.checkpoint import build_model, read
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 from train.digits import materialize_digits
 from train.progressive import make_stages, stage_at
 from train.report import Reporter, plot_curves
@@ -67,6 +67,10 @@ def _model_and_variables(config: TrainConfig, num_classes: int):
     overrides = dict(num_classes=num_classes, drop_path_rate=config.drop_path_rate, dtype=dtype,
                      remat=config.remat)
     if not config.init:
+        try:
+            effnetv2_jax.get_variant(config.variant)
+        except ValueError as e:
+            raise ConfigError(f'--variant: {e}') from None
         return effnetv2_jax.create_model(config.variant, **overrides), None, None
     variables, metadata = _read_init(config.init)
     model = build_model(metadata, **overrides)
@@ -110,7 +114,8 @@ def _install_sigterm_handler() -> dict:
 
 def train_and_evaluate(config: TrainConfig) -> dict:
     """Trains per `config`; returns the summary {'best_top1', 'seconds', 'images_per_second',
-    'weights', ...}. Raises `input_pipeline.DataError` for bad data, `Preempted` on SIGTERM."""
+    'weights', ...}. Raises `ConfigError` for a configuration this machine cannot run,
+    `input_pipeline.DataError` for bad data, `Preempted` on SIGTERM."""
     started = time.time()
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -129,8 +134,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 
     mesh = trainer.make_mesh()
     if config.batch_size % jax.device_count():
-        raise input_pipeline.DataError(f'--batch-size {config.batch_size} is not a multiple of '
-                                       f'the {jax.device_count()} devices')
+        raise ConfigError(f'--batch-size {config.batch_size} is not a multiple of the '
+                          f'{jax.device_count()} devices')
     create = functools.partial(trainer.create_state, model, tx)
     abstract_variables = jax.eval_shape(
             functools.partial(model.init, train=False), jax.random.key(0),
@@ -292,7 +297,7 @@ def evaluate_checkpoint(config: TrainConfig) -> dict:
     """`--eval-only`: top-1/top-5/loss of `config.init` on `data_dir` (its val/ subfolder if it
     has one, else the whole class-folder tree)."""
     if not config.init:
-        raise input_pipeline.DataError('--eval-only needs --init WEIGHTS')
+        raise ConfigError('--eval-only needs --init WEIGHTS')
     data_dir = Path(_data_dir(config))
     folder = input_pipeline.scan_image_folder(
             data_dir / 'val' if (data_dir / 'val').is_dir() else data_dir)

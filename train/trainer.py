@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from effnetv2_jax import EfficientNetV2
 from effnetv2_jax.transforms import normalize
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 
 DATA_AXIS = 'data'
 
@@ -70,7 +70,8 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
             return decay
         return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay],
                                     [warmup])
-    raise ValueError(f"lr_schedule must be 'cosine' or 'exponential', got {config.lr_schedule!r}")
+    raise ConfigError(f"lr_schedule must be 'cosine' or 'exponential', got "
+                      f'{config.lr_schedule!r}')
 
 
 def _is_head(path) -> bool:
@@ -92,7 +93,7 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
         # L2 added to the gradient, as TF's loss term and torch's SGD(weight_decay=) do.
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), core)
     else:
-        raise ValueError(f"optimizer must be 'rmsprop', 'sgd' or 'adamw', got "
+        raise ConfigError(f"optimizer must be 'rmsprop', 'sgd' or 'adamw', got "
                          f'{config.optimizer!r}')
     if config.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
