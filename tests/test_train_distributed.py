@@ -2,6 +2,7 @@
 is fixed when JAX starts)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -96,19 +97,20 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
     results = {}
     for devices in (8, 1):
         mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
-        state = trainer.create_state(model, tx, variables)
+        state = trainer.create_state(tx, variables, ema=True)
         sharding = trainer.state_shardings(mesh, state)
         state = jax.device_put(state, sharding)
-        step = trainer.jit_train_step(mesh, sharding, model=model, tx=tx, schedule=schedule,
-                                      spec=spec, base_key=jax.random.key(1), config=config,
-                                      mixup=config.mixup)
+        step = trainer.jit_train_step(
+                mesh, sharding, model=model, tx=tx, schedule=schedule, spec=spec,
+                base_key=jax.random.key(1),
+                step_config=trainer.StepConfig.of(config, mixup=config.mixup))
         state, metrics = step(state, trainer.global_batch(mesh, batch))
         results[devices] = jax.device_get((state, metrics))
         assert len(jax.tree.leaves(state)[0].sharding.device_set) == devices
         if devices == 8:  # a checkpoint written from 8 devices ...
             checkpoints = RunCheckpoints(sys.argv[1], keep=1)
             checkpoints.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
-                             stage=0, num_workers=0)
+                             stage=0)
             checkpoints.wait()
         else:  # ... restores bitwise onto 1
             abstract = jax.tree.map(
@@ -123,7 +125,7 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
     print(json.dumps({'loss': abs(float(metrics8['loss'] - metrics1['loss'])),
                       'updates': worst(moved(state8.params), moved(state1.params)),
                       'batch_stats': worst(state8.batch_stats, state1.batch_stats),
-                      'ema': worst(moved(state8.ema_params), moved(state1.ema_params))}))
+                      'ema': worst(moved(state8.ema['params']), moved(state1.ema['params']))}))
 ''')
 
 
@@ -131,12 +133,11 @@ def test_sharded_step_on_8_devices_equals_the_single_device_step(tmp_path):
     """One step (mixup/cutmix, dropout, drop path, BN in train mode, EMA) with the batch sharded
     over 8 fake CPU devices vs on 1. Only summation order differs (BN statistics and gradients
     are all-reduced), so fp32 agreement within 1e-4 (updates of the parameters and of their EMA)
-    or 1e-5 (BN statistics) of each tensor's largest value (floored at 1% of the largest in the tree). The 8-device state,
-    checkpointed, restores bitwise onto 1 device."""
+    or 1e-5 (BN statistics) of each tensor's largest value (floored at 1% of the largest in the
+    tree). The 8-device state, checkpointed, restores bitwise onto 1 device."""
     result = subprocess.run([sys.executable, '-c', SHARDED_STEP_CHECK, str(tmp_path)], cwd=ROOT,
                             env=environment(8), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
     differences = json.loads(result.stdout.strip().splitlines()[-1])
     print('8 vs 1 device:', differences)
     assert differences['loss'] <= 1e-5
