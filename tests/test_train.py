@@ -17,20 +17,14 @@ import pytest
 import effnetv2_jax
 from convert import torch_reference
 from helpers import convert
+from train import trainer
 from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
-from train.digits import materialize_digits
-from train import trainer
 from train.progressive import make_stages
 from train.trainer import StepConfig, make_optimizer
 
 # A few steps at one image size: enough to exercise a code path, cheap to compile.
 SHORT = ['--epochs', '0.2', '--num-stages', '1', '--log-every', '1', '--eval-every', '100']
-
-
-@pytest.fixture(scope='session')
-def digits(tmp_path_factory):
-    return materialize_digits(str(tmp_path_factory.mktemp('data') / 'digits'))
 
 
 def read_metrics(workdir):

@@ -19,7 +19,6 @@ import pytest
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
-from train.digits import materialize_digits
 from train.run_checkpoints import RunCheckpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +44,6 @@ def train(workdir, *args, devices=1, check=True) -> subprocess.CompletedProcess:
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-@pytest.fixture(scope='module')
-def digits(tmp_path_factory):
-    return materialize_digits(str(tmp_path_factory.mktemp('data') / 'digits'))
 
 
 def final_state(workdir) -> dict:

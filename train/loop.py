@@ -1,5 +1,5 @@
 """A training run from data and model to the final weights file (`train_and_evaluate`), and the
-evaluation of a weights file (`evaluate_checkpoint`, `--eval-only`).
+evaluation of a weights file (`evaluate_weights`, `--eval-only`).
 
 Resumable at any step: state, optimizer, EMA and the data iterator's position come back from the
 workdir's newest checkpoint; the randomness of step s is fold_in(seed, s), so a resumed run ends
@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import effnetv2_jax
-from effnetv2_jax import checkpoint
+from effnetv2_jax import checkpoint, cli
 from effnetv2_jax.model import abstract_variables
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
@@ -79,7 +79,7 @@ def _read_init(path: str) -> tuple[dict, dict]:
     try:
         return checkpoint.read(path)
     except (OSError, ValueError) as e:
-        raise input_pipeline.DataError(f'cannot read --init {path}: {e}') from None
+        raise input_pipeline.DataError(f'cannot read --init {path}: {cli.first_line(e)}') from None
 
 
 def _model_and_variables(config: TrainConfig, num_classes: int):
@@ -276,7 +276,7 @@ def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
     return path
 
 
-def evaluate_checkpoint(config: TrainConfig) -> dict:
+def evaluate_weights(config: TrainConfig) -> dict:
     """`--eval-only`: top-1/top-5/loss of `config.init` on `data_dir` (its val/ subfolder if it
     has one, else the whole class-folder tree)."""
     if not config.init:
