@@ -161,7 +161,7 @@ def test_digits_default_reaches_90_percent(tmp_path, digits, capsys):
 
 @pytest.fixture(scope='module')
 def converted_b0(tmp_path_factory):
-    """A 1000-class B0 converted from a randomized PyTorch model of the seed architecture."""
+    """A 1000-class B0 converted from a randomized PyTorch B0 of WZMIAOMIAO's `model.py`."""
     directory = tmp_path_factory.mktemp('converted')
     torch_model = torch_reference.randomize_(torch_reference.create('b0', 1000), seed=3)
     convert(torch_model, directory, name='b0')

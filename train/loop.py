@@ -112,7 +112,7 @@ def _initial_state(config: TrainConfig, run_checkpoints: RunCheckpoints, mesh, m
                    variables) -> tuple[trainer.TrainState, trainer.TrainState, dict | None]:
     """(state, its shardings, the saved progress): the newest checkpoint's state placed on this
     mesh (whatever device count saved it), else a fresh one from `variables` (None: initialised
-    from the seed) with no progress."""
+    from `config.seed`) with no progress."""
     create = functools.partial(trainer.create_state, tx, ema=config.ema_decay > 0)
     abstract_state = jax.eval_shape(create, abstract_variables(model))
     state_sharding = trainer.state_shardings(mesh, abstract_state)
