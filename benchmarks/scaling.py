@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    '(default: benchmarks/results/scaling-cpu-<variant>-<size>)')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from effnetv2_jax.configs import get_variant
+    from effnetv2_jax import get_variant
     try:
         get_variant(args.variant)
     except ValueError as e:
@@ -100,7 +100,7 @@ def measure(args, batch_size: int) -> dict:
     schedule = trainer.learning_rate_schedule(config, steps_per_epoch=100)
     tx = trainer.make_optimizer(config, schedule)
     mesh = trainer.make_mesh()
-    state = trainer.create_state(model, tx, variables)
+    state = trainer.create_state(tx, variables, ema=config.ema_decay > 0)
     state_sharding = trainer.state_shardings(mesh, state)
     state = jax.device_put(state, state_sharding)
     size = config.image_size
@@ -110,8 +110,8 @@ def measure(args, batch_size: int) -> dict:
     step = trainer.jit_train_step(
             mesh, state_sharding, name=f'scaling b{batch_size}',
             model=model.clone(dropout_rate=config.dropout), tx=tx, schedule=schedule,
-            spec=HALF_NORMALISATION, base_key=jax.random.key(config.seed), config=config,
-            mixup=config.mixup)
+            spec=HALF_NORMALISATION, base_key=jax.random.key(config.seed),
+            step_config=trainer.StepConfig.of(config, mixup=config.mixup))
     state, _ = step(state, trainer.global_batch(mesh, batch))
     jax.block_until_ready(state)
     first_step_s = time.perf_counter() - start

@@ -1,12 +1,15 @@
-"""`python -m train` in this process (one CPU device): schedule, convergence, fine-tuning, data
-errors. Multi-device and multi-process behaviour: test_train_distributed.py."""
+"""`python -m train` in this process (one CPU device): schedule, configuration, the train state and
+its EMA, convergence, fine-tuning, evaluation of a weights file, configuration and data errors.
+Multi-device and multi-process behaviour: test_train_distributed.py."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -14,19 +17,14 @@ import pytest
 import effnetv2_jax
 from convert import torch_reference
 from helpers import convert
+from train import trainer
 from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
-from train.digits import materialize_digits
 from train.progressive import make_stages
-from train.trainer import make_optimizer
+from train.trainer import StepConfig, make_optimizer
 
 # A few steps at one image size: enough to exercise a code path, cheap to compile.
 SHORT = ['--epochs', '0.2', '--num-stages', '1', '--log-every', '1', '--eval-every', '100']
-
-
-@pytest.fixture(scope='session')
-def digits(tmp_path_factory):
-    return materialize_digits(str(tmp_path_factory.mktemp('data') / 'digits'))
 
 
 def read_metrics(workdir):
@@ -54,6 +52,81 @@ def test_command_line_flags_override_the_preset():
     assert (config.variant, config.batch_size, config.flip) == ('s', 512, False)
     assert config.lr == pytest.approx(0.016 * 512 / 256)
     assert set(PRESETS['imagenet-s']) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize('args, message', [
+        (['--flip', 'maybe'], "argument --flip: 'maybe' is not a boolean"),
+        (['--batch-size', 'many'], "argument --batch-size: invalid int value: 'many'"),
+        (['--batch-size', '0'], '--batch-size must be at least 1, got 0'),
+        (['--optimizer', 'adam'], '--optimizer must be one of rmsprop, sgd, adamw'),
+        (['--eval-only'], '--eval-only needs --init WEIGHTS'),
+        (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+])
+def test_configuration_mistake_is_a_one_line_error(capsys, args, message):
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and message in err and '\n' not in err, err
+
+
+def test_step_config_holds_what_the_step_reads_of_the_config_and_stage():
+    config = dataclasses.replace(TrainConfig(), label_smoothing=0.2, cutmix=1.0, mixup=0.5,
+                                 ema_decay=0.9, freeze_backbone=True)
+    step_config = StepConfig.of(config, mixup=0.25)  # the stage's mixup, not the final one
+    assert step_config == StepConfig(label_smoothing=0.2, mixup=0.25, cutmix=1.0,
+                                     ema_decay=0.9, freeze_backbone=True)
+    assert hash(step_config) == hash(StepConfig.of(config, mixup=0.25))  # jit can key on it
+
+
+class TinyClassifier(nn.Module):
+    """Global pooling, BatchNorm and a dense head: a model with params and BN statistics that
+    compiles in a moment."""
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        features = nn.BatchNorm(use_running_average=not train)(images.mean((1, 2)))
+        return nn.Dense(self.num_classes)(features)
+
+
+def one_train_step(ema_decay: float):
+    """(state before, state after) one `train_step` of `TinyClassifier` with this EMA decay."""
+    model = TinyClassifier()
+    variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    tx = optax.sgd(0.1)
+    mesh = trainer.make_mesh()
+    state = trainer.create_state(tx, variables, ema=ema_decay > 0)
+    sharding = trainer.state_shardings(mesh, state)
+    state = jax.device_put(state, sharding)
+    before = jax.device_get(state)
+    step = trainer.jit_train_step(
+            mesh, sharding, model=model, tx=tx, schedule=optax.constant_schedule(0.1),
+            spec={'mean': [0.5] * 3, 'std': [0.5] * 3}, base_key=jax.random.key(1),
+            step_config=StepConfig(label_smoothing=0.1, mixup=0.0, cutmix=0.0,
+                                   ema_decay=ema_decay, freeze_backbone=False))
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (4, 8, 8, 3), np.uint8),
+             'label': rng.integers(0, 3, 4).astype(np.int32)}
+    state, _ = step(state, trainer.global_batch(mesh, batch))
+    return before, jax.device_get(state)
+
+
+def test_state_without_ema_holds_no_second_copy_of_the_variables():
+    before, after = one_train_step(ema_decay=0)
+    for state in (before, after):
+        assert state.ema is None
+        assert list(state.weights()) == ['raw']
+        assert len(jax.tree.leaves(state)) == 1 + sum(
+                len(jax.tree.leaves(tree))
+                for tree in (state.params, state.batch_stats, state.opt_state))
+
+
+def test_ema_averages_params_and_statistics_with_tf_warm_up_of_the_decay():
+    before, after = one_train_step(ema_decay=0.99)
+    assert list(after.weights()) == ['raw', 'ema']
+    decay = min(0.99, (1 + 0) / (10 + 0))  # step 0: TF's num_updates warm-up
+    new = after.weights()['raw']
+    jax.tree.map(lambda ema, old, x: np.testing.assert_allclose(
+            ema, decay * old + (1 - decay) * x, rtol=1e-6), after.ema, before.ema, new)
 
 
 @pytest.mark.parametrize('optimizer', ['rmsprop', 'sgd', 'adamw'])
@@ -88,7 +161,7 @@ def test_digits_default_reaches_90_percent(tmp_path, digits, capsys):
 
 @pytest.fixture(scope='module')
 def converted_b0(tmp_path_factory):
-    """A 1000-class B0 converted from a randomized PyTorch model of the seed architecture."""
+    """A 1000-class B0 converted from a randomized PyTorch B0 of WZMIAOMIAO's `model.py`."""
     directory = tmp_path_factory.mktemp('converted')
     torch_model = torch_reference.randomize_(torch_reference.create('b0', 1000), seed=3)
     convert(torch_model, directory, name='b0')
@@ -127,6 +200,25 @@ def test_frozen_backbone_changes_only_the_classifier(tmp_path, digits, converted
     assert head['kernel'].shape == (1280, 10)
     jax.tree.map(np.testing.assert_array_equal, end['params'], start['params'])
     jax.tree.map(np.testing.assert_array_equal, end['batch_stats'], start['batch_stats'])
+
+
+def test_eval_only_evaluates_the_weights_file_without_a_train_state(
+        tmp_path, digits, converted_b0, capsys, monkeypatch):
+    """`--eval-only` hands the file's variables to the eval step as they are: no train state
+    (no optimizer state, no EMA copy) is built."""
+    def no_train_state(*args, **kwargs):
+        raise AssertionError('--eval-only built a TrainState')
+    monkeypatch.setattr(trainer, 'TrainState', no_train_state)
+    data = tmp_path / 'data'
+    for label in ('3', '7'):
+        (data / label).mkdir(parents=True)
+        for png in sorted((Path(digits) / 'test' / label).glob('*.png'))[:4]:
+            (data / label / png.name).write_bytes(png.read_bytes())
+    assert train_main(['--eval-only', '--init', str(converted_b0), '--data-dir', str(data),
+                       '--eval-image-size', '32', '--batch-size', '8']) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result['images'] == 8 and 0 <= result['top1'] <= result['top5'] <= 1, result
+    assert np.isfinite(result['loss'])
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, digits, capsys):

@@ -2,6 +2,7 @@
 is fixed when JAX starts)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,7 @@ import pytest
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
-from train.checkpoints import Checkpoints
-from train.digits import materialize_digits
+from train.run_checkpoints import RunCheckpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 # 16 steps of 64 digits at 28 and 32 px, checkpoints every 4: long enough to be interrupted
@@ -46,16 +46,10 @@ def train(workdir, *args, devices=1, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope='module')
-def digits(tmp_path_factory):
-    return materialize_digits(str(tmp_path_factory.mktemp('data') / 'digits'))
-
-
 def final_state(workdir) -> dict:
     """The train state of the run's last checkpoint (params, BN statistics, optimizer, EMA,
     step), as numpy arrays, whatever device count wrote it."""
-    checkpoints = Checkpoints(workdir, keep=2)
-    step = checkpoints.latest_step()
+    step = RunCheckpoints(workdir, keep=2).latest_step()
     path = Path(workdir).absolute() / 'checkpoints' / str(step) / 'state'
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path)
@@ -80,8 +74,8 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
     from jax.sharding import Mesh
     import effnetv2_jax
     from train import trainer
-    from train.checkpoints import Checkpoints
     from train.config import TrainConfig
+    from train.run_checkpoints import RunCheckpoints
     from tests.test_train_distributed import max_relative_difference as worst
 
     config = dataclasses.replace(TrainConfig(), optimizer='sgd', momentum=0.0, weight_decay=0.0,
@@ -97,25 +91,26 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
     results = {}
     for devices in (8, 1):
         mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
-        state = trainer.create_state(model, tx, variables)
+        state = trainer.create_state(tx, variables, ema=True)
         sharding = trainer.state_shardings(mesh, state)
         state = jax.device_put(state, sharding)
-        step = trainer.jit_train_step(mesh, sharding, model=model, tx=tx, schedule=schedule,
-                                      spec=spec, base_key=jax.random.key(1), config=config,
-                                      mixup=config.mixup)
+        step = trainer.jit_train_step(
+                mesh, sharding, model=model, tx=tx, schedule=schedule, spec=spec,
+                base_key=jax.random.key(1),
+                step_config=trainer.StepConfig.of(config, mixup=config.mixup))
         state, metrics = step(state, trainer.global_batch(mesh, batch))
         results[devices] = jax.device_get((state, metrics))
         assert len(jax.tree.leaves(state)[0].sharding.device_set) == devices
         if devices == 8:  # a checkpoint written from 8 devices ...
-            checkpoints = Checkpoints(sys.argv[1], keep=1)
+            checkpoints = RunCheckpoints(sys.argv[1], keep=1)
             checkpoints.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
-                             stage=0, num_workers=0)
+                             stage=0)
             checkpoints.wait()
         else:  # ... restores bitwise onto 1
             abstract = jax.tree.map(
                     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                     sharding)
-            restored = Checkpoints(sys.argv[1], keep=1).restore_state(1, abstract)
+            restored = RunCheckpoints(sys.argv[1], keep=1).restore_state(1, abstract)
             jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), results[8][0])
             assert len(jax.tree.leaves(restored)[0].sharding.device_set) == 1
 
@@ -124,7 +119,7 @@ SHARDED_STEP_CHECK = textwrap.dedent('''
     print(json.dumps({'loss': abs(float(metrics8['loss'] - metrics1['loss'])),
                       'updates': worst(moved(state8.params), moved(state1.params)),
                       'batch_stats': worst(state8.batch_stats, state1.batch_stats),
-                      'ema': worst(moved(state8.ema_params), moved(state1.ema_params))}))
+                      'ema': worst(moved(state8.ema['params']), moved(state1.ema['params']))}))
 ''')
 
 
@@ -132,12 +127,11 @@ def test_sharded_step_on_8_devices_equals_the_single_device_step(tmp_path):
     """One step (mixup/cutmix, dropout, drop path, BN in train mode, EMA) with the batch sharded
     over 8 fake CPU devices vs on 1. Only summation order differs (BN statistics and gradients
     are all-reduced), so fp32 agreement within 1e-4 (updates of the parameters and of their EMA)
-    or 1e-5 (BN statistics) of each tensor's largest value (floored at 1% of the largest in the tree). The 8-device state,
-    checkpointed, restores bitwise onto 1 device."""
+    or 1e-5 (BN statistics) of each tensor's largest value (floored at 1% of the largest in the
+    tree). The 8-device state, checkpointed, restores bitwise onto 1 device."""
     result = subprocess.run([sys.executable, '-c', SHARDED_STEP_CHECK, str(tmp_path)], cwd=ROOT,
                             env=environment(8), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
     differences = json.loads(result.stdout.strip().splitlines()[-1])
     print('8 vs 1 device:', differences)
     assert differences['loss'] <= 1e-5
@@ -167,6 +161,14 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, digits):
     # Same global batches; only the all-reduce (gloo between processes vs in-process) sums in
     # another order, and 4 steps grow that fp32 rounding to ~1e-6.
     assert difference <= 1e-4
+
+
+def test_batch_size_not_a_multiple_of_the_devices_is_a_one_line_error(tmp_path, digits):
+    result = train(tmp_path, '--data-dir', digits, '--batch-size', '12', devices=8, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert errors == ['error: --batch-size 12 is not a multiple of the 8 devices']
+    assert 'Traceback' not in result.stderr
 
 
 def interrupt(workdir, args, devices, after_step) -> subprocess.CompletedProcess:

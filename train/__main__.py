@@ -1,4 +1,5 @@
-"""`python -m train`: see `python -m train --help` and the README's training section."""
+"""`python -m train`: the command line (exit status 2 and one line for a configuration or data
+error, 143 when preempted); see `python -m train --help` and the README's training section."""
 from __future__ import annotations
 
 import json
@@ -32,30 +33,35 @@ def init_distributed(config):
         jax.distributed.initialize()
 
 
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run is not finished; schedulers may requeue it
+
+
 def main(argv=None) -> int:
-    from train.config import parse_args
-    config = parse_args(argv)
+    from effnetv2_jax import cli, enable_compilation_cache
+    from train.config import ConfigError, parse_args
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:
+        return cli.fail(str(e))
     init_distributed(config)
-    from effnetv2_jax import enable_compilation_cache
     enable_compilation_cache()
     from train import loop
     from train.input_pipeline import DataError
     try:
         if config.eval_only:
-            result = loop.evaluate_checkpoint(config)
+            result = loop.evaluate_weights(config)
             print(f'{config.init}: top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%}, '
                   f'loss {result["loss"]:.4f} on {result["images"]} images'
                   + (f' ({result["skipped_images"]} unreadable, skipped)'
                      if result['skipped_images'] else ''))
             print(json.dumps(result))
-            return 0
+            return cli.EXIT_OK
         summary = loop.train_and_evaluate(config)
-    except DataError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except (ConfigError, DataError) as e:
+        return cli.fail(str(e))
     except loop.Preempted as e:
         print(str(e), file=sys.stderr)
-        return 143  # 128 + SIGTERM: the run is not finished; schedulers may requeue it
+        return EXIT_PREEMPTED
     import jax
     if jax.process_index() == 0:
         rate = summary['images_per_second']
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
               + (f', {summary["skipped_images"]} unreadable images skipped'
                  if summary['skipped_images'] else '')
               + f'; weights {summary["weights"]}, curves {summary["plot"]}')
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == '__main__':

@@ -1,14 +1,36 @@
-"""Training configuration: one dataclass, named presets, and the command line built from both.
+"""Training configuration: one validated dataclass, named presets, and the command line built from
+both.
 
 Every field is a flag (`batch_size` -> `--batch-size`); a preset only changes the defaults, so
 `python -m train --preset imagenet-s --data-dir /data/imagenet --epochs 90` is the preset with two
-overrides. Presets are plain Python below, in the spirit of big_vision's configs.
+overrides. Presets are plain Python below, in the spirit of big_vision's configs. A mistake in the
+configuration is a `ConfigError` with a one-line message.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A mistake in the configuration (a flag's value, or flags that do not go together); the
+    message is one line."""
+
+
+# The values a string field takes.
+CHOICES = {
+        'dtype': ('float32', 'bfloat16', 'float16'),
+        'optimizer': ('rmsprop', 'sgd', 'adamw'),
+        'lr_schedule': ('cosine', 'exponential'),
+        'distributed': ('auto', 'on', 'off'),
+}
+AT_LEAST_ONE = ('batch_size', 'base_batch_size', 'log_every', 'checkpoint_every')
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a `TrainConfig` field: `batch_size` -> `--batch-size`."""
+    return '--' + name.replace('_', '-')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +70,9 @@ class TrainConfig:
     dropout: float = 0.2
 
     # Optimisation.
-    optimizer: str = 'adamw'  # 'rmsprop' (TF-style, the paper), 'sgd' (the seed), 'adamw'
+    # 'rmsprop' (TF-style, the paper), 'sgd' (WZMIAOMIAO's deep-learning-for-image-processing
+    # train.py), 'adamw'
+    optimizer: str = 'adamw'
     base_lr: float = 2e-3
     base_batch_size: int = 64  # learning rate = base_lr * batch_size / base_batch_size
     lr_schedule: str = 'cosine'  # 'cosine' (to final_lr_fraction) or 'exponential' (staircase)
@@ -70,10 +94,25 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_only: bool = False
     tensorboard: bool = False
-    distributed: str = 'auto'  # 'auto': jax.distributed.initialize() where a cluster is detected
+    # 'auto': jax.distributed.initialize() where a cluster is detected; 'on': always; 'off'
+    distributed: str = 'auto'
     coordinator_address: Optional[str] = None  # manual multi-process: host:port, count, id
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+
+    def __post_init__(self):
+        """Raises `ConfigError` for a value no run can use."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f'{flag(name)} must be one of {", ".join(allowed)}, got '
+                                  f'{getattr(self, name)!r}')
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise ConfigError(f'{flag(name)} must be at least 1, got {getattr(self, name)}')
+        if not 0 <= self.val_split < 1:
+            raise ConfigError(f'--val-split must be in [0, 1), got {self.val_split}')
+        if self.eval_only and not self.init:
+            raise ConfigError('--eval-only needs --init WEIGHTS')
 
     @property
     def lr(self) -> float:
@@ -81,7 +120,9 @@ class TrainConfig:
 
 
 def _imagenet(variant, randaug, mixup, dropout, epochs=350, batch_size=4096) -> dict[str, Any]:
-    """The paper's ImageNet recipe (REFERENCE.md), 4 progressive stages from 128 px."""
+    """The ImageNet recipe of the EfficientNetV2 paper (arXiv:2104.00298, Table 7 and the
+    appendix) and of the official TF code's hparams (google/automl efficientnetv2): 4 progressive
+    stages from 128 px."""
     return dict(
             variant=variant, workdir=f'runs/imagenet-{variant}', epochs=epochs,
             batch_size=batch_size, num_stages=4, min_image_size=128, image_size=0,
@@ -98,7 +139,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         'imagenet-s': _imagenet('s', randaug=10, mixup=0, dropout=0.2),
         'imagenet-m': _imagenet('m', randaug=15, mixup=0.2, dropout=0.3),
         'imagenet-l': _imagenet('l', randaug=20, mixup=0.5, dropout=0.4),
-        # The seed's train.py: fine-tune converted weights on a small folder (e.g. flowers).
+        # WZMIAOMIAO's deep-learning-for-image-processing train.py: fine-tune converted weights
+        # on a small folder (e.g. flowers).
         'finetune': dict(
                 variant='s', workdir='runs/finetune', epochs=30, batch_size=8, num_stages=1,
                 min_image_size=300, image_size=300, eval_image_size=384, min_scale=0.08,
@@ -109,11 +151,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+BOOLEANS = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+
+
+def _boolean(text: str) -> bool:
+    try:
+        return BOOLEANS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+                f'{text!r} is not a boolean ({", ".join(BOOLEANS)})') from None
+
+
 def _flag_type(field: dataclasses.Field):
     kind = str(field.type)
     if 'bool' in kind:
-        return lambda s: {'true': True, '1': True, 'yes': True, 'false': False, '0': False,
-                          'no': False}[s.lower()]
+        return _boolean
     if 'int' in kind:
         return int
     if 'float' in kind:
@@ -121,21 +173,27 @@ def _flag_type(field: dataclasses.Field):
     return str
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A `ConfigError` (one line, no usage block) instead of printing and exiting."""
+        raise ConfigError(f'{message} (see {self.prog} --help)')
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """`--preset NAME` plus one flag per `TrainConfig` field; unknown flags are an error."""
-    parser = argparse.ArgumentParser(
+    """`--preset NAME` plus one flag per `TrainConfig` field. Unknown flags, values of the wrong
+    type and invalid configurations raise `ConfigError`."""
+    parser = _Parser(
             prog='python -m train',
             description='Train or fine-tune EfficientNetV2 on an image folder (default: '
                         'scikit-learn digits). Flags override the preset.')
     parser.add_argument('--preset', choices=sorted(PRESETS), help='default: digits')
     for field in dataclasses.fields(TrainConfig):
-        flag = '--' + field.name.replace('_', '-')
         if str(field.type) == 'bool':
             # `--freeze-backbone` alone means true; `--flip false` turns a preset's flag off.
-            parser.add_argument(flag, type=_flag_type(field), nargs='?', const=True,
+            parser.add_argument(flag(field.name), type=_flag_type(field), nargs='?', const=True,
                                 default=None, metavar='BOOL')
         else:
-            parser.add_argument(flag, type=_flag_type(field), default=None)
+            parser.add_argument(flag(field.name), type=_flag_type(field), default=None)
     parser.set_defaults(preset=None)
     args = vars(parser.parse_args(argv))
     name = args.pop('preset')

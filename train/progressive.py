@@ -9,7 +9,8 @@ from typing import NamedTuple
 from train.config import TrainConfig
 
 
-class Stage(NamedTuple):
+class ProgressiveStage(NamedTuple):
+    """One stage: its steps and the image size and regularisation it trains with."""
     index: int
     first_step: int  # inclusive
     last_step: int  # exclusive
@@ -23,12 +24,12 @@ def _ramp(first: float, last: float, i: int, count: int) -> float:
     return first + (last - first) * (i + 1) / count
 
 
-def make_stages(config: TrainConfig, total_steps: int, final_size: int) -> list[Stage]:
+def make_stages(config: TrainConfig, total_steps: int, final_size: int) -> list[ProgressiveStage]:
     """The stages of a run of `total_steps` (sizes truncated to int, as the official code)."""
     count = max(1, min(config.num_stages, total_steps))
     stages = []
     for i in range(count):
-        stages.append(Stage(
+        stages.append(ProgressiveStage(
                 index=i, first_step=total_steps * i // count,
                 last_step=total_steps * (i + 1) // count,
                 image_size=int(_ramp(config.min_image_size, final_size, i, count)),
@@ -38,6 +39,6 @@ def make_stages(config: TrainConfig, total_steps: int, final_size: int) -> list[
     return stages
 
 
-def stage_at(stages: list[Stage], step: int) -> Stage:
+def stage_at(stages: list[ProgressiveStage], step: int) -> ProgressiveStage:
     """The stage that trains `step` (the last one for steps past the end)."""
     return next((s for s in stages if step < s.last_step), stages[-1])

@@ -1,5 +1,6 @@
 """What a run shows and leaves behind: a progress bar, metrics as JSON lines (optionally
-TensorBoard), and a PNG of the training curves. Only process 0 reports."""
+TensorBoard) averaged over the steps between log lines, training throughput, and a PNG of the
+training curves. Only process 0 reports."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 METRICS_FILE = 'metrics.jsonl'
@@ -58,6 +60,59 @@ class Reporter:
         self.bar.close()
         if self.writer:
             self.writer.close()
+
+
+class MetricsWindow:
+    """The step metrics since the last log line, averaged when it is written."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def add(self, metrics: dict):
+        """One step's metrics (device scalars; fetched only when averaged)."""
+        self.steps.append(metrics)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def pop_average(self) -> dict[str, float]:
+        """{'train/<name>': mean over the window's steps}; starts the next window."""
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(self.steps))
+        self.steps = []
+        return {f'train/{k}': float(np.mean(v)) for k, v in stacked.items()}
+
+
+class Throughput:
+    """Training images per second. A window is the time between log lines; the first window of
+    each stage (which compiles its step) and the time spent evaluating are left out of the run's
+    average."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.images, self.seconds = 0, 0.0
+        self.start_stage()
+
+    def start_stage(self):
+        self.window_start, self.compiling = time.time(), True
+
+    def restart_window(self):
+        """After time that is not training (evaluation)."""
+        self.window_start = time.time()
+
+    def end_window(self, steps: int) -> float:
+        """Closes a window of `steps` steps; returns its img/s (compilation included)."""
+        seconds = time.time() - self.window_start
+        if not self.compiling:
+            self.images += steps * self.batch_size
+            self.seconds += seconds
+        self.compiling = False
+        self.restart_window()
+        return steps * self.batch_size / seconds
+
+    @property
+    def images_per_second(self) -> float | None:
+        """The run's average over its measured windows (None when there were none)."""
+        return self.images / self.seconds if self.seconds else None
 
 
 def plot_curves(workdir: str) -> Path | None:

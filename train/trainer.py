@@ -7,7 +7,7 @@ device would compute them. `state_shardings` is the one place to change for an F
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +19,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from effnetv2_jax import EfficientNetV2
 from effnetv2_jax.transforms import normalize
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 
 DATA_AXIS = 'data'
 
 
 class TrainState(struct.PyTreeNode):
+    """What a train step updates (and a run checkpoint holds)."""
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any
     batch_stats: Any
     opt_state: Any
-    ema_params: Any  # equal to params (and never read) when EMA is off
-    ema_batch_stats: Any
+    # The moving average of the model variables {'params', 'batch_stats'}; None (an empty
+    # pytree: nothing stored, saved or sharded) when EMA is off.
+    ema: Optional[dict] = None
+
+    def weights(self) -> dict[str, dict]:
+        """The named variable sets to evaluate: {'raw': {'params', 'batch_stats'}, and 'ema'
+        with EMA on}. Of a state of shardings or of shapes, the same tree of those."""
+        raw = {'params': self.params, 'batch_stats': self.batch_stats}
+        return {'raw': raw} if self.ema is None else {'raw': raw, 'ema': self.ema}
+
+
+class StepConfig(NamedTuple):
+    """What `train_step` reads of the run's configuration; hashable, so it can be a static
+    argument of a jitted step."""
+    label_smoothing: float
+    mixup: float  # alpha of this progressive stage (0: off)
+    cutmix: float  # alpha (0: off)
+    ema_decay: float  # 0: off
+    freeze_backbone: bool
+
+    @classmethod
+    def of(cls, config: TrainConfig, mixup: float) -> StepConfig:
+        """The step configuration of `config` in a stage with mixup alpha `mixup`."""
+        return cls(label_smoothing=config.label_smoothing, mixup=mixup, cutmix=config.cutmix,
+                   ema_decay=config.ema_decay, freeze_backbone=config.freeze_backbone)
 
 
 def make_mesh() -> Mesh:
@@ -44,7 +68,8 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def state_shardings(mesh: Mesh, state) -> Any:
-    """Replicated state; an FSDP variant would shard large kernels over a second axis here."""
+    """Shardings of a train state, or of its variables (`TrainState.weights()`): replicated; an
+    FSDP variant would shard large kernels over a second axis here."""
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
 
 
@@ -70,7 +95,8 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
             return decay
         return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay],
                                     [warmup])
-    raise ValueError(f"lr_schedule must be 'cosine' or 'exponential', got {config.lr_schedule!r}")
+    raise ConfigError(f"lr_schedule must be 'cosine' or 'exponential', got "
+                      f'{config.lr_schedule!r}')
 
 
 def _is_head(path) -> bool:
@@ -92,7 +118,7 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
         # L2 added to the gradient, as TF's loss term and torch's SGD(weight_decay=) do.
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), core)
     else:
-        raise ValueError(f"optimizer must be 'rmsprop', 'sgd' or 'adamw', got "
+        raise ConfigError(f"optimizer must be 'rmsprop', 'sgd' or 'adamw', got "
                          f'{config.optimizer!r}')
     if config.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
@@ -103,11 +129,13 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
     return tx
 
 
-def create_state(model: EfficientNetV2, tx: optax.GradientTransformation, variables) -> TrainState:
-    """A fresh state from model variables `{'params', 'batch_stats'}`."""
+def create_state(tx: optax.GradientTransformation, variables, *, ema: bool) -> TrainState:
+    """A fresh state from model variables `{'params', 'batch_stats'}`; with `ema`, their moving
+    average starts as the variables."""
     params, batch_stats = variables['params'], variables['batch_stats']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), ema_params=params, ema_batch_stats=batch_stats)
+                      opt_state=tx.init(params),
+                      ema={'params': params, 'batch_stats': batch_stats} if ema else None)
 
 
 def _mix(key, images, targets, mixup_alpha: float, cutmix_alpha: float):
@@ -146,7 +174,7 @@ def _mix(key, images, targets, mixup_alpha: float, cutmix_alpha: float):
 
 
 def train_step(state: TrainState, batch, *, model: EfficientNetV2, tx, schedule, spec: dict,
-               base_key, config: TrainConfig, mixup: float) -> tuple[TrainState, dict]:
+               base_key, step_config: StepConfig) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch {'image': uint8 [B, H, W, 3], 'label': int32 [B]}.
 
     Randomness (mixing, dropout, drop path) is `fold_in(base_key, step)`: a resumed run draws
@@ -156,8 +184,8 @@ def train_step(state: TrainState, batch, *, model: EfficientNetV2, tx, schedule,
     k_mix, k_dropout, k_drop_path = jax.random.split(key, 3)
     images = normalize(batch['image'], spec)
     targets = jax.nn.one_hot(batch['label'], model.num_classes, dtype=jnp.float32)
-    images, targets = _mix(k_mix, images, targets, mixup, config.cutmix)
-    targets = optax.smooth_labels(targets, config.label_smoothing)
+    images, targets = _mix(k_mix, images, targets, step_config.mixup, step_config.cutmix)
+    targets = optax.smooth_labels(targets, step_config.label_smoothing)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -169,33 +197,28 @@ def train_step(state: TrainState, batch, *, model: EfficientNetV2, tx, schedule,
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     # A frozen backbone keeps its BN statistics too: its features must not drift.
-    batch_stats = state.batch_stats if config.freeze_backbone else updates['batch_stats']
-    ema_params, ema_batch_stats = params, batch_stats
-    if config.ema_decay > 0:
+    batch_stats = state.batch_stats if step_config.freeze_backbone else updates['batch_stats']
+    ema = None
+    if step_config.ema_decay > 0:
         # TF's ExponentialMovingAverage(num_updates=step): short warm-up of the decay.
-        decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        decay = jnp.minimum(step_config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
         average = lambda ema, new: decay * ema + (1 - decay) * new  # noqa: E731
-        ema_params = jax.tree.map(average, state.ema_params, params)
-        ema_batch_stats = jax.tree.map(average, state.ema_batch_stats, batch_stats)
+        ema = jax.tree.map(average, state.ema, {'params': params, 'batch_stats': batch_stats})
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state, ema_params=ema_params,
-                           ema_batch_stats=ema_batch_stats)
+                           opt_state=opt_state, ema=ema)
     metrics = {'loss': loss, 'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
                'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model: EfficientNetV2, spec: dict,
-              with_ema: bool) -> dict:
-    """Sums over a padded global batch {'image', 'label', 'mask': float32 [B]} for the raw (and
-    EMA) weights: {'raw/loss', 'raw/top1', 'raw/top5', ['ema/...'], 'count'} (float32)."""
+def eval_step(weights: dict[str, dict], batch, *, model: EfficientNetV2, spec: dict) -> dict:
+    """Sums over a padded global batch {'image', 'label', 'mask': float32 [B]} for each named
+    variable set of `weights` ({name: {'params', 'batch_stats'}}, e.g. `TrainState.weights()`):
+    {'<name>/loss', '<name>/top1', '<name>/top5' for each name, 'count'} (float32)."""
     images, labels, mask = normalize(batch['image'], spec), batch['label'], batch['mask']
     sums = {'count': jnp.sum(mask)}
-    weights = [('raw', state.params, state.batch_stats)]
-    if with_ema:
-        weights.append(('ema', state.ema_params, state.ema_batch_stats))
-    for name, params, batch_stats in weights:
-        logits = model.apply({'params': params, 'batch_stats': batch_stats}, images)
+    for name, variables in weights.items():
+        logits = model.apply(variables, images)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
         sums[f'{name}/loss'] = jnp.sum(loss * mask)
@@ -230,18 +253,23 @@ def compiled_together(jitted: Callable, name: str) -> Callable:
     return call
 
 
-def jit_train_step(mesh: Mesh, state_sharding, *, name: str = 'train step', **static) -> Callable:
-    """`train_step` jitted for the mesh (state replicated and donated, batch over `data`) and
-    compiled together across processes under `name` (unique per run)."""
+def jit_train_step(mesh: Mesh, state_sharding, *, model: EfficientNetV2, tx, schedule,
+                   spec: dict, base_key, step_config: StepConfig,
+                   name: str = 'train step') -> Callable:
+    """`train_step` with these settings, jitted for the mesh (state replicated and donated,
+    batch over `data`) and compiled together across processes under `name` (unique per run)."""
     replicated = NamedSharding(mesh, P())
-    return compiled_together(jax.jit(functools.partial(train_step, **static),
-                                     in_shardings=(state_sharding, data_sharding(mesh)),
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, spec=spec,
+                             base_key=base_key, step_config=step_config)
+    return compiled_together(jax.jit(step, in_shardings=(state_sharding, data_sharding(mesh)),
                                      out_shardings=(state_sharding, replicated),
                                      donate_argnums=0), name)
 
 
-def jit_eval_step(mesh: Mesh, state_sharding, **static) -> Callable:
+def jit_eval_step(mesh: Mesh, weights_sharding, *, model: EfficientNetV2, spec: dict) -> Callable:
+    """`eval_step` for `model` and `spec`, jitted for the mesh (weights as `weights_sharding`,
+    batch over `data`)."""
     replicated = NamedSharding(mesh, P())
-    return compiled_together(jax.jit(functools.partial(eval_step, **static),
-                                     in_shardings=(state_sharding, data_sharding(mesh)),
+    step = functools.partial(eval_step, model=model, spec=spec)
+    return compiled_together(jax.jit(step, in_shardings=(weights_sharding, data_sharding(mesh)),
                                      out_shardings=replicated), 'eval step')

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: train state, the grain iterator's position and the stage.
+"""Orbax checkpoints of a training run (not the weights file, `effnetv2_jax.checkpoint`): train
+state, the grain iterator's position and the stage, and the multi-process preemption sync point.
 
 Saves are asynchronous (the arrays are copied off the devices, then written in the background);
 `keep` most recent steps are kept. Restoring builds the state onto the current mesh, so a run
@@ -13,8 +14,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class Checkpoints:
-    def __init__(self, workdir: str, keep: int):
+class RunCheckpoints:
+    """The run checkpoints under `workdir/checkpoints`, the `keep` most recent steps."""
+
+    def __init__(self, workdir: str, keep: int, num_workers: int = 0):
+        self.num_workers = num_workers  # of the run's data iterators
         self.manager = ocp.CheckpointManager(
                 Path(workdir).absolute() / 'checkpoints',
                 options=ocp.CheckpointManagerOptions(
@@ -23,20 +27,24 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, stage: int, num_workers: int):
-        """Starts an asynchronous save of `state` and the iterator position at `step`; the
-        iterator's layout (stage, process count, workers) goes beside it."""
+    def progress(self, step: int, stage: int) -> dict:
+        """What goes beside the state at `step`: the step, and the layout its iterator position
+        belongs to (stage, process count, grain workers)."""
+        return {'step': step, 'stage': stage, 'process_count': jax.process_count(),
+                'num_workers': self.num_workers}
+
+    def save(self, step: int, state, data_iterator, stage: int):
+        """Starts an asynchronous save of `state`, the iterator position and `progress` at
+        `step` (nothing if `step` is saved already)."""
         if step in self.manager.all_steps():
             return
         self.manager.save(step, force=True, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
-                progress=ocp.args.JsonSave({'step': step, 'stage': stage,
-                                            'process_count': jax.process_count(),
-                                            'num_workers': num_workers})))
+                progress=ocp.args.JsonSave(self.progress(step, stage))))
 
     def restore_progress(self, step: int) -> dict:
-        """{'step', 'stage', 'process_count', 'num_workers'} of the checkpoint at `step`."""
+        """The `progress` saved with the checkpoint at `step`."""
         return self.manager.restore(step, args=ocp.args.Composite(
                 progress=ocp.args.JsonRestore()))['progress']
 
@@ -50,6 +58,11 @@ class Checkpoints:
         """Moves `data_iterator` to the saved position (saved with the same layout)."""
         self.manager.restore(step, args=ocp.args.Composite(
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-process runs: whether every process is to stop and save at `step` (JAX's
+        preemption sync point, agreed between the processes)."""
+        return self.manager.reached_preemption(step)
 
     def wait(self):
         self.manager.wait_until_finished()
