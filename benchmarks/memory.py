@@ -11,9 +11,9 @@ sum is the step's peak device memory as XLA plans it. A GPU's allocator adds fra
 the runtime's workspace on top (cuDNN), so treat it as a lower bound there.
 
 Remat only pays where the compiler schedules the recomputation late: XLA:CPU's plan comes out the
-same with and without it (README, "Memory"). `--target h200` plans for an NVIDIA H200 without one:
-JAX's CUDA plugin (`pip install "jax[cuda12]==<jax version>"`) compiles for a described device
-("deviceless" ahead-of-time compilation). Nothing is autotuned there, so cuDNN's convolution
+same with and without it (docs/performance.md, "Memory"). `--target h200` plans for an NVIDIA H200
+without one: JAX's CUDA plugin (`pip install "jax[cuda12]==<jax version>"`) compiles for a
+described device ("deviceless" ahead-of-time compilation). Nothing is autotuned there, so cuDNN's convolution
 workspaces (picked per algorithm on a real GPU) are missing from the plan.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Top-1 accuracy of a PyTorch checkpoint in the wzmiaomiao layout on an image folder: the PyTorch
-side of the README tour. Usage: classify_torch.py MODEL.pth WEIGHTS.msgpack FOLDER, where
+side of scripts/tour.sh. Usage: classify_torch.py MODEL.pth WEIGHTS.msgpack FOLDER, where
 WEIGHTS.msgpack is the file the .pth was exported from (for the variant, classes and the eval
 transform)."""
 import sys

@@ -1,5 +1,5 @@
 """`python -m train`: the command line (exit status 2 and one line for a configuration or data
-error, 143 when preempted); see `python -m train --help` and the README's training section."""
+error, 143 when preempted); see `python -m train --help` and docs/training.md."""
 from __future__ import annotations
 
 import json

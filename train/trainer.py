@@ -119,7 +119,7 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), core)
     else:
         raise ConfigError(f"optimizer must be 'rmsprop', 'sgd' or 'adamw', got "
-                         f'{config.optimizer!r}')
+                          f'{config.optimizer!r}')
     if config.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     if config.freeze_backbone:
