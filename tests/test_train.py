@@ -21,6 +21,7 @@ from train import trainer
 from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
 from train.progressive import make_stages
+from train.report import Throughput
 from train.trainer import StepConfig, make_optimizer
 
 # A few steps at one image size: enough to exercise a code path, cheap to compile.
@@ -140,6 +141,20 @@ def test_weight_decay_skips_batchnorm_and_biases(optimizer):
     assert np.all(np.asarray(updates['conv']['kernel']) < 0)
     assert np.all(np.asarray(updates['bn']['scale']) == 0)
     assert np.all(np.asarray(updates['bn']['bias']) == 0)
+
+
+def test_throughput_leaves_out_evaluation_time_and_the_compiling_window(monkeypatch):
+    clock = iter([0.0,  # start of the stage
+                  10.0,  # end of the first window (compiles): left out of the average
+                  12.0, 20.0,  # an evaluation of 8 s inside the second window
+                  22.0])  # end of the second window: 12 s, of which 4 s of training
+    monkeypatch.setattr('train.report.time.time', lambda: next(clock))
+    throughput = Throughput(batch_size=8)
+    throughput.end_window(steps=1)
+    with throughput.paused():
+        pass
+    assert throughput.end_window(steps=10) == 10 * 8 / 4
+    assert throughput.images_per_second == 10 * 8 / 4
 
 
 def test_digits_default_reaches_90_percent(tmp_path, digits, capsys):

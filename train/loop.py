@@ -237,8 +237,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             if step % config.checkpoint_every == 0 or last_of_stage:
                 run_checkpoints.save(step, state, data, stage.index)
             if step % eval_every == 0 or step == total_steps:
-                last_eval = validation(state, step)
-                throughput.restart_window()  # evaluation is not training throughput
+                with throughput.paused():
+                    last_eval = validation(state, step)
         data.close()  # stops its worker processes
     run_checkpoints.wait()
     run_checkpoints.close()

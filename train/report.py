@@ -3,6 +3,7 @@ TensorBoard) averaged over the steps between log lines, training throughput, and
 training curves. Only process 0 reports."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -95,18 +96,25 @@ class Throughput:
     def start_stage(self):
         self.window_start, self.compiling = time.time(), True
 
-    def restart_window(self):
-        """After time that is not training (evaluation)."""
-        self.window_start = time.time()
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside the block (evaluation) is not training time: it is left out of the
+        window it falls in."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.window_start += time.time() - start
 
     def end_window(self, steps: int) -> float:
         """Closes a window of `steps` steps; returns its img/s (compilation included)."""
-        seconds = time.time() - self.window_start
+        now = time.time()
+        seconds = now - self.window_start
         if not self.compiling:
             self.images += steps * self.batch_size
             self.seconds += seconds
         self.compiling = False
-        self.restart_window()
+        self.window_start = now
         return steps * self.batch_size / seconds
 
     @property
