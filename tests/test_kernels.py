@@ -3,10 +3,10 @@
 Layouts: PyTorch activations are NCHW and conv weights OIHW; Flax activations are NHWC and conv
 kernels HWIO, so a torch weight becomes a Flax kernel by `transpose(2, 3, 1, 0)` (a depthwise
 (C, 1, k, k) weight becomes (k, k, 1, C) with `groups=C`). The layout helpers and the output
-tolerance here are shared with test_layers.py and test_model.py.
+tolerance are in helpers.py, shared with test_layers.py and test_model.py.
 
-Tolerances (float32 on CPU): outputs `OUT_RTOL`/`OUT_ATOL`, gradients `CONV_GRAD_RTOL`; the reasons
-and the measured errors are next to the constants. Images are tiny (at most 16 px).
+Tolerances (float32 on CPU): outputs `OUT_RTOL`/`OUT_ATOL` (helpers.py), gradients
+`CONV_GRAD_RTOL`; the reasons and the measured errors are next to the constants. Images are tiny (at most 16 px).
 """
 from __future__ import annotations
 
@@ -21,57 +21,11 @@ from effnetv2_jax import kernels
 from effnetv2_jax.kernels import (IM2COL_MAX_INPUT_FEATURES, IM2COL_MIN_FEATURES, conv_forward,
                                   conv_kernel_gradient, dense_conv, depthwise_conv)
 from effnetv2_jax.layers import ConvBNAct, explicit_padding
+from helpers import (DEPTHWISE_CASES, assert_close, nchw, nhwc, random_conv_weight, tf_same_pad,
+                     to_hwio)
 
-# Layer outputs (BatchNorm, ConvBNAct, SqueezeExcite) reach |y| ~ 5..18 here, and the two
-# frameworks sum in different orders, so they differ by an ulp or two of the largest values:
-# measured max |jax - torch| over 5 seeds was 2.4e-6 (BN train), 1.9e-6 (BN eval), 1.4e-6 (conv +
-# BN + SiLU, dense and depthwise), 2.4e-7 (squeeze-excite). An elementwise relative bound alone
-# fails on outputs near zero, hence the absolute term, ~4x the worst measured error.
-OUT_RTOL, OUT_ATOL = 1e-5, 1e-5
 # Gradients of a sum of ~1e3 products: float32 rounding in a different order, ~1e-6 relative.
 CONV_GRAD_RTOL = 1e-5
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    """NHWC numpy -> NCHW torch."""
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-
-
-def nhwc(t: torch.Tensor) -> np.ndarray:
-    """NCHW torch -> NHWC numpy."""
-    return t.detach().permute(0, 2, 3, 1).numpy()
-
-
-def to_hwio(weight: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Torch conv weight OIHW (depthwise: (C, 1, k, k)) -> Flax kernel HWIO ((k, k, 1, C))."""
-    weight = weight.detach().numpy() if isinstance(weight, torch.Tensor) else weight
-    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
-
-
-def f32(a) -> np.ndarray:
-    return np.asarray(a, np.float32)
-
-
-def random_conv_weight(rng, out_ch, in_ch_per_group, k):
-    return f32(rng.normal(size=(out_ch, in_ch_per_group, k, k)) / np.sqrt(in_ch_per_group * k * k))
-
-
-def assert_close(actual, desired, rtol=OUT_RTOL, atol=OUT_ATOL):
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol)
-
-
-def tf_same_pad(x_nchw, k, stride):
-    """TensorFlow SAME padding done explicitly: total = max((ceil(n/s) - 1) s + k - n, 0),
-    split with the extra pixel at the bottom/right."""
-    pads = []
-    for n in (x_nchw.shape[-1], x_nchw.shape[-2]):  # F.pad lists the last dimension first
-        total = max((-(-n // stride) - 1) * stride + k - n, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x_nchw, pads)
 
 
 def torch_conv_gradients(rng, batch, size, in_ch, out_ch, k, stride, padding, groups=1):
@@ -108,7 +62,6 @@ def assert_conv_and_gradients_equal(conv, torch_case):
 # --------------------------------------------------------------------------------------------
 # Depthwise: XLA's grouped convolution and the CPU's shifted multiply-adds
 
-DEPTHWISE_CASES = [(3, 1, (9, 8)), (3, 2, (10, 10)), (5, 2, (9, 11)), (3, 2, (7, 6))]
 
 
 @pytest.mark.parametrize('implementation', ['xla', 'cpu'])

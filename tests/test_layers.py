@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from convert import torch_reference
 from effnetv2_jax import kernels
 from effnetv2_jax.layers import BatchNorm, ConvBNAct, DropPath, SqueezeExcite
-from test_kernels import (DEPTHWISE_CASES, OUT_ATOL, assert_close, f32, nchw, nhwc,
-                          random_conv_weight, tf_same_pad, to_hwio)
+from helpers import (DEPTHWISE_CASES, OUT_ATOL, assert_close, f32, nchw, nhwc,
+                     random_conv_weight, tf_same_pad, to_hwio)
 
 # Running statistics are O(1) and one multiply-add away from a batch mean: measured max abs error
 # 4.2e-7 (mean) and 2.4e-7 (var). The biased-vs-unbiased variance difference this must resolve

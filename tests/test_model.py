@@ -13,7 +13,7 @@ import pytest
 
 import effnetv2_jax
 from helpers import random_variables
-from test_kernels import assert_close
+from helpers import assert_close
 
 IMAGE_SHAPE = (2, 32, 32, 3)
 NUM_CLASSES = 10
