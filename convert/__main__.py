@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--ema', action='store_true', help='take the EMA weights of the checkpoint')
     p.add_argument('--format', choices=('msgpack', 'orbax'), default='msgpack',
                    help='Flax msgpack file (default) or an Orbax checkpoint directory')
+    p.add_argument('--allow-nonfinite', action='store_true', help='convert weights that hold NaN '
+                   'or Inf (refused by default: exit 2)')
     p.add_argument('--verify', action='store_true', help='run the PyTorch and the Flax model on '
                    'one random batch and fail (exit 1) if max |Δ logit| exceeds the tolerance')
     p.add_argument('--verify-size', type=int, default=224, help='image size for --verify')
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
             variables, metadata = converter.torch_to_flax(
                 state_dict, args.layout, args.variant, args.padding, args.bn_eps)
             layout = metadata['source_layout']
+        if not args.allow_nonfinite:
+            converter.check_finite(state_dict)
         if args.verify and not run_verify(layout, metadata, state_dict, variables,
                                           args.verify_size, args.tolerance):
             return cli.fail('verification failed; nothing written', cli.EXIT_MISMATCH)

@@ -84,6 +84,16 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
     return variables, metadata
 
 
+def check_finite(state_dict: dict[str, np.ndarray], limit: int = 5):
+    """CheckpointError naming the first tensors that hold NaN or Inf, if any do."""
+    bad = [k for k, v in state_dict.items()
+           if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
+    if bad:
+        more = f' (+{len(bad) - limit} more)' if len(bad) > limit else ''
+        raise CheckpointError(f'NaN or Inf in {", ".join(bad[:limit])}{more}; '
+                              '--allow-nonfinite converts them anyway')
+
+
 def flax_to_torch(variables: dict, metadata: dict[str, Any], layout: str) -> dict[str, np.ndarray]:
     """The inverse of `torch_to_flax`: a state_dict in `layout` (a name or alias), with
     `num_batches_tracked` = 0."""

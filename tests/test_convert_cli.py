@@ -224,6 +224,42 @@ def test_a_state_dict_that_does_not_fit_is_rejected_naming_the_key(capsys, tmp_p
     assert_rejected(capsys, path, mentions=(key,))
 
 
+@pytest.mark.parametrize('value', [float('nan'), float('inf')], ids=['nan', 'inf'])
+def test_weights_holding_nan_or_inf_are_refused_naming_the_tensor(capsys, tmp_path,
+                                                                  wzmiaomiao_b0, value):
+    key = 'blocks.6.dwconv.bn.running_var'
+    state_dict = clone(wzmiaomiao_b0.state_dict())
+    state_dict[key][3] = value
+    path = tmp_path / 'nonfinite.pth'
+    torch.save(state_dict, path)
+    assert 'allow-nonfinite' in assert_rejected(capsys, path, mentions=(key,))
+
+
+def test_allow_nonfinite_converts_weights_holding_nan(capsys, tmp_path, wzmiaomiao_b0):
+    key = 'blocks.6.dwconv.bn.running_var'
+    state_dict = clone(wzmiaomiao_b0.state_dict())
+    state_dict[key][3] = float('nan')
+    path = tmp_path / 'nonfinite.pth'
+    torch.save(state_dict, path)
+    assert cli(capsys, path, '--allow-nonfinite')[0] == 0
+    variables, _ = checkpoint.read(path.with_suffix('.msgpack'))
+    assert np.isnan(variables['batch_stats']['blocks_6']['dwconv']['bn']['var'][3])
+
+
+def test_to_torch_refuses_flax_weights_holding_inf(capsys, tmp_path, wzmiaomiao_pth):
+    assert cli(capsys, wzmiaomiao_pth, '-o', tmp_path / 'flax.msgpack')[0] == 0
+    variables, metadata = checkpoint.read(tmp_path / 'flax.msgpack')
+    kernel = variables['params']['stem']['conv']['kernel'].copy()
+    kernel[0, 0, 0, 0] = np.inf
+    variables['params']['stem']['conv']['kernel'] = kernel
+    effnetv2_jax.save(tmp_path / 'inf.msgpack', variables, metadata)
+    rc, _, err = cli(capsys, '--to-torch', tmp_path / 'inf.msgpack', '--layout', 'wzmiaomiao',
+                     '-o', tmp_path / 'back.pth')
+    assert rc == 2
+    assert 'stem.conv.weight' in assert_one_line_error(err)
+    assert not (tmp_path / 'back.pth').exists()
+
+
 def test_pickle_that_would_run_code_is_refused_without_running_it(capsys, tmp_path):
     marker = tmp_path / 'MARKER_code_ran'
     path = tmp_path / 'evil.pth'
