@@ -13,8 +13,8 @@ the runtime's workspace on top (cuDNN), so treat it as a lower bound there.
 Remat only pays where the compiler schedules the recomputation late: XLA:CPU's plan comes out the
 same with and without it (docs/performance.md, "Memory"). `--target h200` plans for an NVIDIA H200
 without one: JAX's CUDA plugin (`pip install "jax[cuda12]==<jax version>"`) compiles for a
-described device ("deviceless" ahead-of-time compilation). Nothing is autotuned there, so cuDNN's convolution
-workspaces (picked per algorithm on a real GPU) are missing from the plan.
+described device ("deviceless" ahead-of-time compilation). Nothing is autotuned there, so cuDNN's
+convolution workspaces (picked per algorithm on a real GPU) are missing from the plan.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from jax.experimental import topologies
 import effnetv2_jax
 from benchmarks.throughput import jax_train_step
 from effnetv2_jax import kernels
+from effnetv2_jax.model import abstract_variables
 
 DEFAULT_CASES = ['s:512:24', 's:300:128', 'm:384:128', 'l:384:128']
 
@@ -76,7 +77,7 @@ def step_memory(variant: str, size: int, batch: int, dtype, remat: bool,
     Compiled for `sharding`'s device, else for the default one, with the convolutions of
     `conv_implementation` (one of `kernels.IMPLEMENTATIONS`)."""
     model = effnetv2_jax.create_model(variant, dtype=dtype, remat=remat)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    variables = abstract_variables(model)
     tx = optax.sgd(0.1, momentum=0.9)
     state = (variables['params'], variables['batch_stats'],
              jax.eval_shape(tx.init, variables['params']))

@@ -12,6 +12,7 @@ from pathlib import Path
 from convert import layouts
 from convert.torch_io import CheckpointError
 from effnetv2_jax import cli
+from effnetv2_jax.layers import PADDINGS
 
 EXAMPLES = """  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
   python -m convert ckpt.pth --ema --verify -o s_ema.msgpack
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='source layout (default: detected); with --to-torch, the target layout '
                    '(seed is an alias of wzmiaomiao)')
     p.add_argument('--variant', help='s, m, l, xl, b0..b3 (default: detected from shapes)')
-    p.add_argument('--padding', choices=('symmetric', 'same'), help="default: 'same' for timm "
+    p.add_argument('--padding', choices=PADDINGS, help="default: 'same' for timm "
                    "(its pretrained EfficientNetV2 weights are tf_*), else 'symmetric'")
     p.add_argument('--bn-eps', type=float, help='BatchNorm epsilon (default 1e-3; timm '
                    'non-tf_ models use 1e-5)')
@@ -66,15 +67,15 @@ def default_output(args) -> Path:
     return args.input.with_suffix('.orbax' if args.format == 'orbax' else '.msgpack')
 
 
-def run_verify(layout, metadata, state_dict, variables, size, tolerance) -> bool:
+def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, tolerance) -> bool:
     import effnetv2_jax
     from convert import verify
     tolerance = verify.TOLERANCE if tolerance is None else tolerance
     flax_model = effnetv2_jax.checkpoint.build_model(metadata)
-    torch_module = verify.torch_model(layouts.get_layout(layout), metadata, state_dict)
+    torch_module = verify.torch_model(layout, metadata, state_dict)
     result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
     ok = result.relative <= tolerance and result.same_top1
-    print(f'verify ({layout} PyTorch vs Flax, 2 random {size}x{size} images): max |Δ logit| '
+    print(f'verify ({layout.name} PyTorch vs Flax, 2 random {size}x{size} images): max |Δ logit| '
           f'{result.max_abs_diff:.3g} = {result.relative:.3g} of max |logit| '
           f'(tolerance {tolerance:g}), same top-1: {result.same_top1} -> '
           f'{"OK" if ok else "FAILED"}')
@@ -94,18 +95,19 @@ def main(argv=None) -> int:
             try:
                 variables, metadata = effnetv2_jax.checkpoint.read(args.input)
             except (OSError, ValueError) as e:
-                raise CheckpointError(str(e).splitlines()[0]) from None
-            layout, where = args.layout, 'Flax weights'
-            state_dict = converter.flax_to_torch(variables, metadata, layout)
-            family = layouts.get_layout(layout).family(metadata['padding'])
+                raise CheckpointError(cli.first_line(e)) from None
+            layout, where = layouts.get_layout(args.layout), 'Flax weights'
+            state_dict = converter.flax_to_torch(variables, metadata, layout.name)
+            family = layout.family(metadata['padding'])
             if family.padding != metadata['padding']:
-                print(f"warning: these weights expect {metadata['padding']!r} padding; {layout}'s "
-                      f'models pad {family.padding!r}, so their outputs will differ')
+                print(f"warning: these weights expect {metadata['padding']!r} padding; "
+                      f"{layout.name}'s models pad {family.padding!r}, so their outputs will "
+                      'differ')
         else:
             state_dict, where = torch_io.read_state_dict(args.input, ema=args.ema)
             variables, metadata = converter.torch_to_flax(
                 state_dict, args.layout, args.variant, args.padding, args.bn_eps)
-            layout = metadata['source_layout']
+            layout = layouts.get_layout(metadata['source_layout'])
         if not args.allow_nonfinite:
             converter.check_finite(state_dict)
         if args.verify and not run_verify(layout, metadata, state_dict, variables,
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
                      and not k.endswith('num_batches_tracked'))
     direction = 'Flax -> PyTorch' if args.to_torch else 'PyTorch -> Flax'
     print(f'{direction}: {args.input} [{where}] -> {output}\n'
-          f'  EfficientNetV2-{metadata["variant"].upper()}, {layout} layout, '
+          f'  EfficientNetV2-{metadata["variant"].upper()}, {layout.name} layout, '
           f'{metadata["num_classes"]} classes, {num_params:,} parameters, padding '
           f'{metadata["padding"]}, BN eps {metadata["bn_eps"]:g}, '
           f'{time.perf_counter() - start:.1f} s')
