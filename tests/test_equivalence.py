@@ -12,7 +12,6 @@ Tolerances (fp32 on CPU):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -23,6 +22,7 @@ from convert import torch_reference
 from convert.torch_reference import randomize_
 from effnetv2_jax import kernels
 from effnetv2_jax.configs import VARIANTS
+from effnetv2_jax.model import abstract_variables
 
 # TF 'same' padding differs from symmetric only on even sizes: test both. 96 px (3x3 in the
 # last stage) rather than 64: at 2x2 the BN statistics of a random network are too noisy.
@@ -67,8 +67,7 @@ def test_eval_logits_match_pytorch_with_xla_convolutions(source, size, tmp_path)
 def test_parameter_count_equals_pytorch_and_the_published_figure(variant):
     model = torch_reference.create(variant)
     torch_count = sum(p.numel() for p in model.parameters())
-    shapes = jax.eval_shape(effnetv2_jax.create_model(variant).init, jax.random.key(0),
-                            jnp.zeros((1, 32, 32, 3)))
+    shapes = abstract_variables(effnetv2_jax.create_model(variant))
     flax_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
     assert flax_count == torch_count == PUBLISHED_PARAMETERS[variant]
 
