@@ -1,6 +1,7 @@
 """`python -m convert`: PyTorch EfficientNetV2 checkpoints to Flax, and back with --to-torch.
 
-Exit status: 0 done, 1 --verify found the outputs apart, 2 bad input (one-line error, no output).
+Exit status: 0 done, 1 --verify found the outputs apart, 2 bad input or unusable output (one-line
+error, nothing written).
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from convert import layouts
+from convert import converter, layouts, torch_io
 from convert.torch_io import CheckpointError
-from effnetv2_jax import cli
+from effnetv2_jax import checkpoint, cli
+from effnetv2_jax.files import OutputKind, check_output
 from effnetv2_jax.layers import PADDINGS
 
 EXAMPLES = """  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
@@ -43,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--variant', help='s, m, l, xl, b0..b3 (default: detected from shapes)')
     p.add_argument('--padding', choices=PADDINGS, help="default: 'same' for timm "
                    "(its pretrained EfficientNetV2 weights are tf_*), else 'symmetric'")
-    p.add_argument('--bn-eps', type=float, help='BatchNorm epsilon (default 1e-3; timm '
-                   'non-tf_ models use 1e-5)')
+    p.add_argument('--bn-eps', type=cli.positive_float,
+                   help='BatchNorm epsilon (default 1e-3; timm non-tf_ models use 1e-5)')
     p.add_argument('--ema', action='store_true', help='take the EMA weights of the checkpoint')
     p.add_argument('--format', choices=('msgpack', 'orbax'), default='msgpack',
                    help='Flax msgpack file (default) or an Orbax checkpoint directory')
@@ -52,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    'or Inf (refused by default: exit 2)')
     p.add_argument('--verify', action='store_true', help='run the PyTorch and the Flax model on '
                    'one random batch and fail (exit 1) if max |Δ logit| exceeds the tolerance')
-    p.add_argument('--verify-size', type=int, default=224, help='image size for --verify')
-    p.add_argument('--tolerance', type=float, default=None,
+    p.add_argument('--verify-size', type=cli.positive_int, default=224,
+                   help='image size for --verify')
+    p.add_argument('--tolerance', type=cli.positive_float, default=None,
                    help='allowed max |Δ logit| / max |logit| (default 1e-5)')
     args = p.parse_args(argv)
     if args.to_torch and args.layout is None:
@@ -68,10 +71,9 @@ def default_output(args) -> Path:
 
 
 def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, tolerance) -> bool:
-    import effnetv2_jax
     from convert import verify
     tolerance = verify.TOLERANCE if tolerance is None else tolerance
-    flax_model = effnetv2_jax.checkpoint.build_model(metadata)
+    flax_model = checkpoint.build_model(metadata)
     torch_module = verify.torch_model(layout, metadata, state_dict)
     result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
     ok = result.relative <= tolerance and result.same_top1
@@ -82,18 +84,19 @@ def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, to
     return ok
 
 
+def output_kind(args) -> OutputKind:
+    return torch_io.EXPORT_KIND if args.to_torch else checkpoint.OUTPUT_KINDS[args.format]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     output = args.output or default_output(args)
-    if output.resolve() == args.input.resolve():
-        return cli.fail(f'output {output} would overwrite the input')
     try:
-        import effnetv2_jax
-        from convert import converter, torch_io
+        check_output(output, output_kind(args), inputs=[args.input])
         if args.to_torch:
             try:
-                variables, metadata = effnetv2_jax.checkpoint.read(args.input)
+                variables, metadata = checkpoint.read(args.input)
             except (OSError, ValueError) as e:
                 raise CheckpointError(cli.first_line(e)) from None
             layout, where = layouts.get_layout(args.layout), 'Flax weights'
@@ -116,9 +119,9 @@ def main(argv=None) -> int:
         if args.to_torch:
             torch_io.write_state_dict(output, state_dict)
         else:
-            effnetv2_jax.save(output, variables, metadata, fmt=args.format)
-    except CheckpointError as e:
-        return cli.fail(str(e))
+            checkpoint.save(output, variables, metadata, fmt=args.format)
+    except (CheckpointError, OSError) as e:  # bad input; unusable or unwritable output
+        return cli.fail(cli.first_line(e))
     num_params = sum(v.size for k, v in state_dict.items() if 'running_' not in k
                      and not k.endswith('num_batches_tracked'))
     direction = 'Flax -> PyTorch' if args.to_torch else 'PyTorch -> Flax'

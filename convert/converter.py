@@ -8,6 +8,7 @@ import numpy as np
 from convert import layouts
 from convert.torch_io import CheckpointError
 from convert.layouts import Layout
+from effnetv2_jax.checkpoint import check_variables
 from effnetv2_jax.configs import VARIANTS, Variant, get_variant
 from effnetv2_jax.layers import PADDINGS
 
@@ -96,11 +97,18 @@ def check_finite(state_dict: dict[str, np.ndarray], limit: int = 5):
 
 def flax_to_torch(variables: dict, metadata: dict[str, Any], layout: str) -> dict[str, np.ndarray]:
     """The inverse of `torch_to_flax`: a state_dict in `layout` (a name or alias), with
-    `num_batches_tracked` = 0."""
-    var = get_variant(metadata['variant'])
+    `num_batches_tracked` = 0. Strict: `variables` must be exactly the tree of the model
+    `metadata` describes, else `CheckpointError` naming the first mismatches."""
+    try:
+        check_variables(variables, metadata)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    var, target = get_variant(metadata['variant']), layouts.get_layout(layout)
+    if var.name not in target.variants:
+        raise CheckpointError(f'{target.source} has no EfficientNetV2-{var.name.upper()}; '
+                              f'its variants: {", ".join(target.variants)}')
     state_dict = {}
-    for e in layouts.entries(var, layouts.get_layout(layout),
-                             with_classifier=metadata['num_classes'] > 0):
+    for e in layouts.entries(var, target, with_classifier=metadata['num_classes'] > 0):
         leaf = variables[e.collection]
         for name in e.flax_path:
             leaf = leaf[name]

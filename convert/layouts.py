@@ -91,6 +91,11 @@ class Layout(NamedTuple):
         """The padding assumed for this layout's weights unless told otherwise."""
         return self.families[0].padding
 
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants some model of this layout exists in."""
+        return tuple(v for v in VARIANTS if any(v in f.variants for f in self.families))
+
     def family(self, padding: str) -> Family:
         """The family with `padding`, else the default one (whose models then pad otherwise)."""
         return next((f for f in self.families if f.padding == padding), self.families[0])

@@ -1,6 +1,7 @@
 """Reading and writing PyTorch checkpoints safely: never unpickles code, never half-writes."""
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import pickletools
@@ -10,11 +11,36 @@ from pathlib import Path
 import numpy as np
 
 from effnetv2_jax.cli import first_line
-from effnetv2_jax.files import atomic_write
+from effnetv2_jax.files import OutputKind, atomic_write
 
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'ema_state_dict')
 MODEL_KEYS = ('state_dict', 'model', 'model_state_dict', 'net', 'params')
 STRIP_PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DDP, torch.compile
+# Files `write_state_dict` writes carry this, so that a rerun may replace them and nothing else:
+# in the safetensors header's metadata, or (torch.save) as the root entry of the state_dict's
+# `_metadata`, the per-module dict `nn.Module.load_state_dict` passes on and otherwise ignores.
+PRODUCER = {'producer': 'effnetv2-jax'}
+
+
+def _is_our_export(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors import safe_open
+            with safe_open(str(path), 'np') as f:
+                return (f.metadata() or {}).get('producer') == PRODUCER['producer']
+        import torch
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            state_dict = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        return getattr(state_dict, '_metadata', {}).get('') == PRODUCER
+    except Exception:  # noqa: BLE001 - unreadable: not one of ours
+        return False
+
+
+EXPORT_KIND = OutputKind('a PyTorch file written by python -m convert --to-torch',
+                         _is_our_export)
 
 
 class CheckpointError(Exception):
@@ -100,15 +126,18 @@ def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[st
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray]):
-    """Writes a torch state_dict (`.safetensors` by suffix, else `torch.save`) atomically."""
+    """Writes a torch state_dict (`.safetensors` by suffix, else `torch.save`) atomically, over
+    nothing but a file written by this function (`EXPORT_KIND`)."""
     import torch
     path = Path(path)
-    tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state_dict.items()}
+    tensors = collections.OrderedDict(
+        (k, torch.from_numpy(np.array(v, order='C'))) for k, v in state_dict.items())
+    tensors._metadata = {'': PRODUCER}
 
     def write(tmp: Path):
         if path.suffix == '.safetensors':
             from safetensors.torch import save_file
-            save_file(tensors, tmp)
+            save_file(tensors, tmp, metadata=PRODUCER)
         else:
             torch.save(tensors, tmp)
-    atomic_write(path, write)
+    atomic_write(path, write, EXPORT_KIND)

@@ -1,25 +1,129 @@
 """The converted-weights file: Flax variables plus the metadata needed to rebuild the model.
 
 Two formats, same content: one Flax msgpack file (`{'variables': ..., 'metadata': ...}`), or an
-Orbax checkpoint directory (`variables/` via Orbax, `metadata.json` beside it). Writes are atomic
-(`files.atomic_write`): a failed write never leaves a partial file.
+Orbax checkpoint directory (`variables/` via Orbax, `metadata.json` beside it). Writes follow
+`files.atomic_write` (atomic, and only over a weights file of the same format). Reads are strict:
+the variables must be exactly the tree of the model the metadata describes.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
-from effnetv2_jax.files import atomic_write, atomic_write_bytes
-from effnetv2_jax.model import EfficientNetV2, create_model
+from effnetv2_jax.cli import first_line
+from effnetv2_jax.configs import get_variant
+from effnetv2_jax.files import OutputKind, atomic_write, atomic_write_bytes
+from effnetv2_jax.layers import PADDINGS
+from effnetv2_jax.model import EfficientNetV2, abstract_variables, create_model
+from effnetv2_jax.transforms import SPEC_KEYS, check_spec
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
+COLLECTIONS = ('params', 'batch_stats')
+def _is_msgpack_weights(path: Path) -> bool:
+    """Whether `path` is a msgpack map whose first entry is metadata with a format_version (what
+    `save` writes: flax serialises the keys sorted), read without loading the variables."""
+    import msgpack
+    try:
+        with open(path, 'rb') as f:
+            unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 20)
+            return (unpacker.read_map_header() == 2 and unpacker.unpack() == 'metadata'
+                    and 'format_version' in unpacker.unpack())
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def _is_orbax_weights(path: Path) -> bool:
+    """A folder `save` wrote (or an empty one: replacing it loses nothing)."""
+    if not path.is_dir() or not {p.name for p in path.iterdir()} <= {'variables', 'metadata.json'}:
+        return False
+    try:
+        return 'format_version' in json.loads((path / 'metadata.json').read_text())
+    except (OSError, ValueError, TypeError):
+        return not any(path.iterdir())
+
+
+OUTPUT_KINDS = {
+    'msgpack': OutputKind('an effnetv2-jax weights file', _is_msgpack_weights),
+    'orbax': OutputKind('an effnetv2-jax Orbax weights folder', _is_orbax_weights, directory=True),
+}
+
+
+def _first(items: list[str], limit: int = 4) -> str:
+    more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
+    return ', '.join(items[:limit]) + more
+
+
+def check_metadata(metadata) -> None:
+    """ValueError (one line) unless `metadata` holds valid MODEL_KEYS, and valid `preprocessing`
+    and `class_names` where it has them."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f'metadata is a {type(metadata).__name__}, not a mapping')
+    missing = [k for k in MODEL_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f'metadata lacks {missing}')
+    variant, classes, padding, eps = (metadata[k] for k in MODEL_KEYS)
+    if not isinstance(variant, str):
+        raise ValueError(f'metadata variant {variant!r} is not a name')
+    get_variant(variant)
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+        raise ValueError(f'metadata num_classes {classes!r} is not a count')
+    if padding not in PADDINGS:
+        raise ValueError(f'metadata padding {padding!r} is not one of {", ".join(PADDINGS)}')
+    if (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps)
+            or eps <= 0):
+        raise ValueError(f'metadata bn_eps {eps!r} is not a positive number')
+    spec, names = metadata.get('preprocessing'), metadata.get('class_names')
+    if spec is not None:
+        if not isinstance(spec, dict):
+            raise ValueError(f'metadata preprocessing is a {type(spec).__name__}, not a mapping')
+        if all(k in spec for k in SPEC_KEYS):
+            try:
+                check_spec(spec)
+            except TypeError as e:
+                raise ValueError(f'metadata preprocessing: {first_line(e)}') from None
+    if names is not None and (not isinstance(names, list) or len(names) != classes
+                              or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f'metadata class_names is not a list of {classes} names')
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_leaves(variant: str, num_classes: int, padding: str,
+                     bn_eps: float) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    model = create_model(variant, num_classes=num_classes, padding=padding, bn_eps=bn_eps)
+    tree = abstract_variables(model)
+    return {k: (a.shape, np.dtype(a.dtype)) for k, a in
+            traverse_util.flatten_dict({c: tree[c] for c in COLLECTIONS}, sep='/').items()}
+
+
+def check_variables(variables, metadata: dict[str, Any]) -> None:
+    """ValueError (one line, naming the first mismatches) unless `variables` is exactly the
+    `{'params', 'batch_stats'}` tree of the model `metadata` describes: same leaves, shapes and
+    dtypes."""
+    check_metadata(metadata)
+    expected = _expected_leaves(*(metadata[k] for k in MODEL_KEYS))
+    if not isinstance(variables, dict) or not all(
+            isinstance(variables.get(c), dict) for c in COLLECTIONS):
+        raise ValueError(f'the variables are not a {{{", ".join(COLLECTIONS)}}} tree')
+    actual = traverse_util.flatten_dict({c: variables[c] for c in COLLECTIONS}, sep='/')
+    problems = [f'missing {k}' for k in expected if k not in actual]
+    problems += [f'unexpected {k}' for k in actual if k not in expected]
+    for key in (k for k in expected if k in actual):
+        leaf, (shape, dtype) = actual[key], expected[key]
+        if getattr(leaf, 'shape', None) != shape or getattr(leaf, 'dtype', None) != dtype:
+            problems.append(f'{key} is {getattr(leaf, "dtype", type(leaf).__name__)}'
+                            f'{list(getattr(leaf, "shape", ()))}, expected {dtype}{list(shape)}')
+    if problems:
+        name = f'EfficientNetV2-{metadata["variant"].upper()} ({metadata["num_classes"]} classes)'
+        raise ValueError(f'the variables do not fit {name}: {_first(problems)}')
 
 
 def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:
@@ -31,43 +135,50 @@ def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:
 
 
 def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str = 'msgpack'):
-    """Writes `{'params', 'batch_stats'}` and `metadata` (JSON-able, with MODEL_KEYS) atomically."""
-    path = Path(path)
-    missing = [k for k in MODEL_KEYS if k not in metadata]
-    if missing:
-        raise ValueError(f'metadata lacks {missing}')
+    """Writes `{'params', 'batch_stats'}` and `metadata` (JSON-able, with MODEL_KEYS) atomically,
+    over nothing but a weights file of the same format (`files.OutputError` otherwise).
+    ValueError if the variables do not fit the model the metadata describes."""
+    if fmt not in OUTPUT_KINDS:
+        raise ValueError(f"format must be 'msgpack' or 'orbax', got {fmt!r}")
+    variables = jax.tree.map(np.asarray, {k: variables[k] for k in COLLECTIONS})
+    check_variables(variables, metadata)
     metadata = {'format_version': FORMAT_VERSION, **metadata}
-    variables = jax.tree.map(np.asarray, {k: variables[k] for k in ('params', 'batch_stats')})
     if fmt == 'msgpack':
         atomic_write_bytes(path, serialization.msgpack_serialize(
-            {'variables': variables, 'metadata': metadata}))
-    elif fmt == 'orbax':
+            {'variables': variables, 'metadata': metadata}), OUTPUT_KINDS[fmt])
+    else:
         import orbax.checkpoint as ocp
 
         def write(tmp: Path):
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(tmp.absolute() / 'variables', variables)
             (tmp / 'metadata.json').write_text(json.dumps(metadata, indent=2))
-        atomic_write(path, write, directory=True, replace_directory=True)
-    else:
-        raise ValueError(f"format must be 'msgpack' or 'orbax', got {fmt!r}")
+        atomic_write(path, write, OUTPUT_KINDS[fmt])
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
-    """Returns `(variables, metadata)` of a file `save` wrote, as numpy arrays."""
+    """Returns `(variables, metadata)` of a file `save` wrote, as numpy arrays.
+
+    FileNotFoundError if `path` does not exist; ValueError (one line) if it is not such a file or
+    its variables do not fit the model its metadata describes (`check_variables`)."""
     path = Path(path)
-    if path.is_dir():
-        import orbax.checkpoint as ocp
-        with ocp.StandardCheckpointer() as ckptr:
-            variables = ckptr.restore(path.absolute() / 'variables')
-        metadata = json.loads((path / 'metadata.json').read_text())
-    else:
-        try:
+    if not path.exists():
+        raise FileNotFoundError(f'{path}: no such file')
+    try:
+        if path.is_dir():
+            import orbax.checkpoint as ocp
+            metadata = json.loads((path / 'metadata.json').read_text())
+            with ocp.StandardCheckpointer() as ckptr:
+                variables = ckptr.restore(path.absolute() / 'variables')
+        else:
             content = serialization.msgpack_restore(path.read_bytes())
             variables, metadata = content['variables'], content['metadata']
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f'{path} is not an effnetv2-jax weights file ({e})') from None
-    return jax.tree.map(np.asarray, variables), metadata
+        variables = jax.tree.map(np.asarray, variables)
+        check_variables(variables, metadata)
+    except Exception as e:  # noqa: BLE001 - whatever fails to parse is the file's fault
+        raise ValueError(f'{path} is not a valid effnetv2-jax weights file: '
+                         f'{first_line(e)}') from None
+    return variables, metadata
 
 
 def load(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:

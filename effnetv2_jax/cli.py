@@ -8,15 +8,44 @@ import sys
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit status 2, instead of argparse's usage block."""
+        self.exit(EXIT_BAD_INPUT, f'error: {message} (see {self.prog} --help)\n')
+
+
 def parser(prog: str, description: str, examples: str = '') -> argparse.ArgumentParser:
-    """An ArgumentParser for `python -m <prog>` with `examples` shown verbatim after the flags."""
-    return argparse.ArgumentParser(
+    """An ArgumentParser for `python -m <prog>` with `examples` shown verbatim after the flags;
+    a bad command line exits with status 2 and one line on stderr."""
+    return _Parser(
         prog=f'python -m {prog}', description=description,
         epilog=f'examples:\n{examples}' if examples else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}')
+    return value
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__

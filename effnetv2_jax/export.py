@@ -18,13 +18,33 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax.errors import FlaxError
 
 from effnetv2_jax import checkpoint, cli, configs
 from effnetv2_jax.cli import first_line
-from effnetv2_jax.files import atomic_write_bytes
+from effnetv2_jax.files import OutputKind, atomic_write_bytes, check_output
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export accepts any string; these lower & run
+SIDECAR_KEYS = ('input_shape', 'input_dtype', 'output', 'platforms')
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        jax.export.deserialize(bytearray(path.read_bytes()))
+        return True
+    except Exception:  # noqa: BLE001 - unreadable: not an export
+        return False
+
+
+def _is_sidecar(path: Path) -> bool:
+    try:
+        info = json.loads(path.read_text())
+        return isinstance(info, dict) and all(k in info for k in SIDECAR_KEYS)
+    except (OSError, ValueError):
+        return False
+
+
+EXPORT_KIND = OutputKind('a jax.export artifact', _is_export)
+SIDECAR_KIND = OutputKind("a jax.export artifact's JSON description", _is_sidecar)
 
 
 def export(model, variables, image_size: int, *, batch_size: int | None = None,
@@ -68,26 +88,22 @@ def main(argv=None) -> int:
     sidecar = output.with_name(output.name + '.json')
     platforms = args.platforms.split(',') if args.platforms is not None else None
     try:
-        if output.resolve() == args.weights.resolve():
-            raise ValueError(f'output {output} would overwrite the input')
+        check_output(output, EXPORT_KIND, inputs=[args.weights])
+        check_output(sidecar, SIDECAR_KIND, inputs=[args.weights])
         variables, metadata = checkpoint.read(args.weights)
-        try:
-            model = checkpoint.build_model(metadata)
-            size = args.image_size if args.image_size is not None else (
-                (metadata.get('preprocessing') or {}).get('size')
-                or configs.get_variant(metadata['variant']).eval_size)
-            exported = export(model, variables, size, batch_size=args.batch_size,
-                              platforms=platforms)
-        except (KeyError, TypeError, FlaxError) as e:  # metadata or variables not as save writes
-            raise ValueError(f'{args.weights} is not a valid effnetv2-jax weights file '
-                             f'({type(e).__name__}: {first_line(e)})') from None
+        model = checkpoint.build_model(metadata)
+        size = args.image_size if args.image_size is not None else (
+            (metadata.get('preprocessing') or {}).get('size')
+            or configs.get_variant(metadata['variant']).eval_size)
+        exported = export(model, variables, size, batch_size=args.batch_size,
+                          platforms=platforms)
         data = exported.serialize()  # a bytearray; no copy (XL: 836 MB)
         info = {**metadata, 'input_shape': [args.batch_size, size, size, 3],
                 'input_dtype': 'float32', 'output': 'logits' if model.num_classes else 'features',
                 'platforms': list(exported.platforms)}
-        atomic_write_bytes(output, data)
-        atomic_write_bytes(sidecar, json.dumps(info, indent=2).encode())
-    except (OSError, ValueError) as e:  # unreadable or invalid weights, bad flags, unwritable -o
+        atomic_write_bytes(output, data, EXPORT_KIND)
+        atomic_write_bytes(sidecar, json.dumps(info, indent=2).encode(), SIDECAR_KIND)
+    except (OSError, ValueError) as e:  # unreadable or invalid weights, bad flags, unusable -o
         return cli.fail(first_line(e))
     print(f'{args.weights} -> {output} ({len(data) / 1e6:.1f} MB; input spec in {sidecar.name})\n'
           f'  float32 [{args.batch_size or "any"}, {size}, {size}, 3] -> {info["output"]}, '

@@ -31,11 +31,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('images', nargs='+', type=Path, metavar='IMAGE', help='image files')
     p.add_argument('--weights', required=True, type=Path,
                    help='a file written by python -m convert, python -m train or effnetv2_jax.save')
-    p.add_argument('--top-k', type=int, default=5, help='classes per image (default 5)')
+    p.add_argument('--top-k', type=cli.positive_int, default=5,
+                   help='classes per image (default 5)')
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
     p.add_argument('--labels', type=Path, help='class names: one per line, or JSON (a list or '
                    '{"0": "daisy", ...}); default: the weights\' own, else ImageNet\'s for 1000')
-    p.add_argument('--batch-size', type=int, default=32, help='images per forward (default 32)')
+    p.add_argument('--batch-size', type=cli.positive_int, default=32,
+                   help='images per forward (default 32)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     spec = p.add_argument_group('eval transform overrides (default: the weights\' metadata)')
     spec.add_argument('--size', type=int, help='crop size')
@@ -44,10 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     spec.add_argument('--interpolation', choices=sorted(RESAMPLING))
     spec.add_argument('--mean', type=float, nargs=3, metavar=('R', 'G', 'B'))
     spec.add_argument('--std', type=float, nargs=3, metavar=('R', 'G', 'B'))
-    args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        p.error('--top-k and --batch-size must be at least 1')
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from effnetv2_jax.configs import VARIANTS, get_variant
 from effnetv2_jax import cli
 from effnetv2_jax.cli import first_line
-from effnetv2_jax.files import atomic_write_bytes
+from effnetv2_jax.files import OutputKind, atomic_write_bytes
 
 TEST_COMMAND = ('bash scripts/test.sh tests/test_equivalence.py tests/test_equivalence_photos.py '
                 '--junitxml=r.xml')
@@ -134,6 +134,16 @@ def render(rows: list[Row]) -> str:
     return INTRO.format(command=TEST_COMMAND) + '\n'.join(lines) + '\n'
 
 
+def _is_report(path: Path) -> bool:
+    try:
+        return path.read_text().startswith(INTRO.splitlines()[0])
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+REPORT_KIND = OutputKind('an equivalence report', _is_report)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='python scripts/equivalence_report.py',
                                      description=__doc__.split('\n\n')[0])
@@ -143,9 +153,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = read_rows(args.junit_xml)
-    except ReportError as e:
-        return cli.fail(str(e))
-    atomic_write_bytes(args.output, render(rows).encode())
+        atomic_write_bytes(args.output, render(rows).encode(), REPORT_KIND)
+    except (ReportError, OSError) as e:
+        return cli.fail(first_line(e))
     print(f'{args.output}: {len(rows)} rows')
     return 0
 

@@ -28,6 +28,15 @@ def convert(torch_model: torch.nn.Module, directory, *flags: str, name: str = 'c
     return effnetv2_jax.checkpoint.build_model(metadata), variables, metadata
 
 
+def write_unchecked_weights(path, variables, metadata):
+    """Writes a msgpack weights file as `effnetv2_jax.save` lays it out, without its checks:
+    for files whose variables and metadata disagree."""
+    from flax import serialization
+    path.write_bytes(serialization.msgpack_serialize({
+            'variables': jax.tree.map(np.asarray, variables),
+            'metadata': {'format_version': 1, **metadata}}))
+
+
 PHOTO_NAMES = ('chelsea', 'coffee', 'astronaut', 'rocket')
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import effnetv2_jax
-from helpers import random_variables
+from helpers import random_variables, write_unchecked_weights
 from effnetv2_jax.export import export, main
 
 SIZE, NUM_CLASSES = 64, 10
@@ -163,11 +163,11 @@ def test_cli_writes_artifact_and_sidecar_that_round_trip(capsys, tmp_path, varia
 
 
 def test_cli_flags_set_output_batch_size_image_size_and_platforms(capsys, tmp_path, weights_file):
-    output = tmp_path / 'served' / 'model.bin'
+    output = tmp_path / 'model.bin'
     status, out, err = run_cli(capsys, weights_file, '-o', output, '--batch-size', 4,
                                '--image-size', 96, '--platforms', 'cpu,tpu')
     assert (status, err) == (0, [])
-    info = json.loads((tmp_path / 'served' / 'model.bin.json').read_text())
+    info = json.loads((tmp_path / 'model.bin.json').read_text())
     assert (info['input_shape'], info['platforms']) == ([4, 96, 96, 3], ['cpu', 'tpu'])
     exported = jax.export.deserialize(output.read_bytes())
     assert exported.in_avals[0].shape == (4, 96, 96, 3) and exported.platforms == ('cpu', 'tpu')
@@ -219,7 +219,7 @@ def test_cli_bad_flags_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, 
 
 def test_cli_on_weights_that_do_not_fit_their_metadata_exits_2(capsys, tmp_path, variables):
     weights = tmp_path / 'b0.msgpack'
-    effnetv2_jax.save(weights, variables, {**METADATA, 'variant': 'b1'})  # b0 shapes, b1 model
+    write_unchecked_weights(weights, variables, {**METADATA, 'variant': 'b1'})  # b0 shapes
     status, out, err = run_cli(capsys, weights)
     assert status == 2 and len(err) == 1 and 'not a valid effnetv2-jax weights file' in err[0]
     assert [p.name for p in tmp_path.iterdir()] == ['b0.msgpack']

@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from effnetv2_jax.files import atomic_write
+from effnetv2_jax.files import OutputKind, atomic_write
 
 SPLITS = (('val', 0.15), ('test', 0.15))  # the rest is train
 SIZE = 32
@@ -38,7 +38,7 @@ def materialize_digits(root: str) -> str:
         counts = _write_splits(str(tmp), images, digits.target)
         (tmp / MARKER).write_text(json.dumps(counts))
     try:
-        atomic_write(root, write, directory=True)
+        atomic_write(root, write, OutputKind('a digits folder', lambda _: False, directory=True))
     except OSError:
         if not os.path.isfile(os.path.join(root, MARKER)):  # not a concurrent caller's
             raise

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 import effnetv2_jax
 from effnetv2_jax import checkpoint, cli
+from effnetv2_jax.files import check_output
 from effnetv2_jax.model import abstract_variables
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
@@ -26,7 +27,7 @@ from train.config import ConfigError, TrainConfig
 from train.digits import materialize_digits
 from train.evaluation import Validation, evaluate
 from train.progressive import ProgressiveStage, make_stages, stage_at
-from train.report import MetricsWindow, Reporter, Throughput, plot_curves
+from train.report import WORKDIR_OUTPUTS, MetricsWindow, Reporter, Throughput, plot_curves
 from train.run_checkpoints import RunCheckpoints
 
 WEIGHTS_FILE = 'model.msgpack'  # the final weights, in `python -m convert`'s format
@@ -53,6 +54,17 @@ class Preemption:
     def requested(self, step: int) -> bool:
         return self.sigterm or (jax.process_count() > 1
                                 and self.run_checkpoints.reached_preemption(step))
+
+
+def _check_outputs(workdir: Path):
+    """`ConfigError` now, rather than after the training, if a file the run will write into
+    `workdir` exists and is not of its kind (files.check_output)."""
+    outputs = {**WORKDIR_OUTPUTS, WEIGHTS_FILE: checkpoint.OUTPUT_KINDS['msgpack']}
+    try:
+        for name, kind in outputs.items():
+            check_output(workdir / name, kind)
+    except OSError as e:
+        raise ConfigError(cli.first_line(e)) from None
 
 
 def _data_dir(config: TrainConfig) -> str:
@@ -164,6 +176,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     started = time.time()
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _check_outputs(workdir)
     train_folder, val_folder = input_pipeline.find_splits(
             _data_dir(config), config.val_split, config.seed)
     num_classes = len(train_folder.class_names)

@@ -12,8 +12,29 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from effnetv2_jax.files import OutputKind, atomic_write
+
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'curves.png'
+
+
+def _is_metrics_log(path: Path) -> bool:
+    try:
+        with open(path) as f:
+            first = f.readline()
+        return not first or 'step' in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, 'rb') as f:
+        return f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+# What a run writes into its workdir besides checkpoints, and how a rerun recognises its own.
+WORKDIR_OUTPUTS = {METRICS_FILE: OutputKind('a metrics log of python -m train', _is_metrics_log),
+                   PLOT_FILE: OutputKind('a PNG image', lambda p: p.is_file() and _is_png(p))}
 
 
 class Reporter:
@@ -37,7 +58,8 @@ class Reporter:
         path = self.workdir / METRICS_FILE
         if path.exists():
             lines = path.read_text().splitlines(keepends=True)
-            path.write_text(''.join(line for line in lines if json.loads(line)['step'] <= step))
+            kept = ''.join(line for line in lines if json.loads(line)['step'] <= step)
+            atomic_write(path, lambda tmp: tmp.write_text(kept), WORKDIR_OUTPUTS[METRICS_FILE])
 
     def advance(self, steps: int, postfix: dict[str, str]):
         self.bar.set_postfix(postfix, refresh=False)
@@ -153,6 +175,7 @@ def plot_curves(workdir: str) -> Path | None:
     axes[2].legend()
     fig.tight_layout()
     out = Path(workdir) / PLOT_FILE
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format='png'),
+                 WORKDIR_OUTPUTS[PLOT_FILE])
     plt.close(fig)
     return out

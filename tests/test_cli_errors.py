@@ -1,0 +1,138 @@
+"""Specification of the exit statuses every command keeps for a user's mistake: status 2, one
+line `error: ...` on stderr, no traceback, and nothing written or changed. One row per mistake;
+each runs in-process (`main(argv)`) from a folder holding a PyTorch checkpoint, a weights file
+and a user's own files."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import effnetv2_jax
+from convert import torch_reference
+from convert.__main__ import main as convert_main
+from effnetv2_jax.export import main as export_main
+from effnetv2_jax.predict import main as predict_main
+from helpers import random_variables, write_unchecked_weights
+
+METADATA = {'variant': 'b0', 'num_classes': 3, 'padding': 'symmetric', 'bn_eps': 1e-3}
+
+
+@pytest.fixture(scope='module')
+def variables():
+    model = effnetv2_jax.create_model('b0', num_classes=3)
+    return jax.device_get(random_variables(model, np.zeros((1, 32, 32, 3), np.float32)))
+
+
+@pytest.fixture(scope='module')
+def state_dict():
+    return torch_reference.create('b0', num_classes=3).state_dict()
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch, variables, state_dict) -> Path:
+    """The working directory: ckpt.pth, w.msgpack, mine.txt, photos/cat.png, and weights files
+    whose variables or metadata are wrong."""
+    monkeypatch.chdir(tmp_path)
+    torch.save(state_dict, tmp_path / 'ckpt.pth')
+    effnetv2_jax.save(tmp_path / 'w.msgpack', variables, METADATA)
+    (tmp_path / 'mine.txt').write_text('my notes')
+    (tmp_path / 'photos').mkdir()
+    from PIL import Image
+    Image.new('RGB', (40, 30), (200, 100, 50)).save(tmp_path / 'photos' / 'cat.png')
+    write_unchecked_weights(tmp_path / 'head.msgpack', variables,
+                            {**METADATA, 'num_classes': 1000})
+    write_unchecked_weights(tmp_path / 'padding.msgpack', variables,
+                            {**METADATA, 'padding': 'reflect'})
+    stem = jax.tree.map(np.asarray, variables)
+    stem['params']['stem']['conv']['kernel'] = np.zeros((3, 3, 3, 8), np.float32)
+    write_unchecked_weights(tmp_path / 'shape.msgpack', stem, METADATA)
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob('*'))}
+
+
+def run(capsys, main, argv) -> tuple[int, str]:
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse
+        status = e.code
+    captured = capsys.readouterr()
+    return status, captured.err
+
+
+MISTAKES = {  # id: (command, argv, what the error line says)
+    'convert-output-is-a-folder': (
+        convert_main, ['ckpt.pth', '-o', 'photos'], 'photos exists and is not'),
+    'convert-output-is-a-users-file': (
+        convert_main, ['ckpt.pth', '-o', 'mine.txt'], 'mine.txt exists and is not'),
+    'convert-output-is-the-working-directory': (
+        convert_main, ['ckpt.pth', '--format', 'orbax', '-o', '.'], 'contains the input'),
+    'convert-output-contains-the-input': (
+        convert_main, ['photos/../ckpt.pth', '--format', 'orbax', '-o', 'photos/..'],
+        'contains the input'),
+    'convert-output-is-the-input': (
+        convert_main, ['ckpt.pth', '-o', 'ckpt.pth'], 'is the input'),
+    'convert-output-folder-missing': (
+        convert_main, ['ckpt.pth', '-o', 'new/out.msgpack'], 'new does not exist'),
+    'convert-verify-size-0': (
+        convert_main, ['ckpt.pth', '--verify', '--verify-size', '0'], 'positive integer'),
+    'convert-tolerance-negative': (
+        convert_main, ['ckpt.pth', '--verify', '--tolerance', '-1'], 'positive number'),
+    'convert-unknown-flag': (convert_main, ['ckpt.pth', '--fast'], 'unrecognized arguments'),
+    'to-torch-head-not-metadata': (
+        convert_main, ['--to-torch', 'head.msgpack', '--layout', 'timm', '-o', 'out.pth'],
+        'params/classifier/bias is float32[3], expected float32[1000]'),
+    'to-torch-leaf-shape': (
+        convert_main, ['--to-torch', 'shape.msgpack', '--layout', 'timm', '-o', 'out.pth'],
+        'params/stem/conv/kernel is float32[3, 3, 3, 8]'),
+    'to-torch-unknown-padding': (
+        convert_main, ['--to-torch', 'padding.msgpack', '--layout', 'timm', '-o', 'out.pth'],
+        "padding 'reflect'"),
+    'to-torch-over-the-original-checkpoint': (
+        convert_main, ['--to-torch', 'w.msgpack', '--layout', 'wzmiaomiao', '-o', 'ckpt.pth'],
+        'ckpt.pth exists and is not a PyTorch file written by python -m convert'),
+    'export-over-a-users-file': (
+        export_main, ['w.msgpack', '-o', 'mine.txt'], 'mine.txt exists and is not'),
+    'export-weights-not-metadata': (
+        export_main, ['head.msgpack', '-o', 'out.jaxexport'], 'expected float32[1000]'),
+    'predict-weights-not-metadata': (
+        predict_main, ['photos/cat.png', '--weights', 'head.msgpack'],
+        'expected float32[1000]'),
+    'predict-top-k-0': (
+        predict_main, ['photos/cat.png', '--weights', 'w.msgpack', '--top-k', '0'], '--top-k'),
+}
+
+
+@pytest.mark.parametrize('mistake', MISTAKES)
+def test_a_user_mistake_is_exit_2_one_line_and_nothing_written(capsys, folder, mistake):
+    main, argv, message = MISTAKES[mistake]
+    before = snapshot(folder)
+    status, err = run(capsys, main, argv)
+    assert status == 2, err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    assert message in err
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize('argv', [
+    ['ckpt.pth', '-o', 'out.msgpack'],
+    ['--to-torch', 'w.msgpack', '--layout', 'timm', '-o', 'out.safetensors']],
+    ids=['convert', 'to-torch'])
+def test_an_unwritable_output_folder_is_exit_2_one_line_and_nothing_written(
+        capsys, folder, monkeypatch, argv):
+    def refuse(*args, **kwargs):  # what a read-only folder does (root may write anyway)
+        raise PermissionError(13, 'Permission denied', kwargs.get('dir'))
+    monkeypatch.setattr(tempfile, 'mkstemp', refuse)
+    before = snapshot(folder)
+    status, err = run(capsys, convert_main, argv)
+    assert (status, err.count('\n')) == (2, 1), err
+    assert err.startswith('error: ') and 'Permission denied' in err
+    assert snapshot(folder) == before
