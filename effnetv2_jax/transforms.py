@@ -32,10 +32,22 @@ RESAMPLING = {
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 'RGB' (grayscale, palette, RGBA, CMYK ... converted; alpha dropped)."""
+    """`image` as 8-bit 'RGB': grayscale, palette, CMYK ... converted by PIL, alpha dropped.
+
+    High-bit-depth grayscale is scaled to 8 bits, not clipped: 'I;16*' and 'I' (how PIL decodes
+    16-bit PNG, TIFF and PGM; 'I' clipped to [0, 65535]) keep their high byte, value >> 8, as PIL
+    decodes 16-bit colour and torchvision's `to_dtype(..., scale=True)` converts uint16; 'F'
+    (float TIFF) is read as [0, 1]: round(255 * value), clipped, NaN as 0. So the 16-bit or float
+    copy of an 8-bit picture (v * 257, v / 255) gives back the 8-bit one exactly.
+    """
     if image.mode == 'RGB':
         return image
-    if image.mode == 'P' and 'transparency' in image.info:
+    if image.mode == 'F':
+        values = np.nan_to_num(np.asarray(image), nan=0.0)
+        image = Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8))
+    elif image.mode.startswith('I'):
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == 'P' and 'transparency' in image.info:
         # Going through RGBA avoids PIL's warning about palette transparency; alpha is dropped
         # either way, as torchvision's and timm's loaders do.
         image = image.convert('RGBA')
