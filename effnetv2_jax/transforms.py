@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, Union
@@ -61,9 +62,21 @@ def resize_size(spec: dict[str, Any]) -> int:
     return int(spec['size'] / spec['crop_pct'])  # timm's math.floor
 
 
+# Beyond this many crops' worth of pixels, `eval_transform` resamples only the crop's region of
+# the source (a 1 x 20000 PNG would otherwise be resized to 256 x 5120000, 5 GB, for a 224 crop).
+WHOLE_RESIZE_MAX_CROPS = 16
+
+
 def eval_transform(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
     """Resize + center crop as torchvision `Resize(int)` + `CenterCrop` ('shorter') or timm's
-    crop_mode 'squash': uint8 [size, size, 3]."""
+    crop_mode 'squash': uint8 [size, size, 3].
+
+    Bit for bit torchvision's PIL path while the resized image holds at most
+    `WHOLE_RESIZE_MAX_CROPS` crops ('shorter': aspect ratios up to 16 crop_pct^2, 12:1 at 0.875).
+    Beyond, memory stays O(size^2): only the crop's region of the source is resampled, from
+    Pillow's float32 `box`: bilinear and bicubic pixels within 2 levels (a weight moved by 1e-7
+    may round a level apart in each pass), nearest may take the neighbouring source pixel.
+    """
     image = to_rgb(image)
     size, scale = spec['size'], resize_size(spec)
     w, h = image.size
@@ -77,11 +90,33 @@ def eval_transform(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
         new_w = new_h = scale
     else:
         raise ValueError(f"unknown resize mode {spec['resize']!r}")
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), RESAMPLING[spec['interpolation']])
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    crop = (left, top, left + size, top + size)
+    resample = RESAMPLING[spec['interpolation']]
+    if (new_w, new_h) == (w, h):
+        return np.asarray(image.crop(crop))
+    if new_w * new_h <= WHOLE_RESIZE_MAX_CROPS * size * size:
+        return np.asarray(image.resize((new_w, new_h), resample).crop(crop))
+    box = (left * w / new_w, top * h / new_h, (left + size) * w / new_w, (top + size) * h / new_h)
+    return np.asarray(_resize_region(image, box, size, resample))
+
+
+def _resize_region(image: Image.Image, box: tuple[float, float, float, float], size: int,
+                   resample: Image.Resampling) -> Image.Image:
+    """The `box` (left, upper, right, lower: floats, source pixels) of `image` resampled to
+    size x size, as `image.resize(..., box=box)`, touching only the pixels its filter reaches.
+
+    Pillow takes the box in float32 (integers exact only below 2**24): the box is taken relative
+    to a crop of the rows and columns in reach, so a 1 x 20 000 000 image keeps its precision.
+    """
+    scale = max(1.0, (box[2] - box[0]) / size, (box[3] - box[1]) / size)  # source px per output px
+    reach = math.ceil(2 * scale) + 1  # bicubic's support, the widest of RESAMPLING, plus a pixel
+    x0, y0 = max(0, math.floor(box[0]) - reach), max(0, math.floor(box[1]) - reach)
+    x1 = min(image.width, math.ceil(box[2]) + reach)
+    y1 = min(image.height, math.ceil(box[3]) + reach)
+    shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    return image.crop((x0, y0, x1, y1)).resize((size, size), resample, box=shifted)
 
 
 def normalize(images, spec: dict[str, Any]):
