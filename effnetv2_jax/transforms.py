@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -128,15 +129,26 @@ def normalize(images, spec: dict[str, Any]):
 
 
 def open_image(image: ImageLike) -> Image.Image:
-    """A PIL image from an `ImageLike`; ValueError with a one-line reason if it is unusable."""
+    """A PIL image from an `ImageLike`; ValueError with a one-line reason if it is unusable.
+
+    A file of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (PIL's decompression-bomb limit,
+    89 478 485 by default; None lifts it) is refused before it is decoded.
+    """
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
-                opened.load()  # decode now, so that a truncated file fails here
-                return opened
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings():
+                # PIL only warns between 1 and 2 times the limit and refuses beyond: refuse both.
+                warnings.simplefilter('error', Image.DecompressionBombWarning)
+                with Image.open(image) as opened:
+                    opened.load()  # decode now, so that a truncated file fails here
+                    return opened
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f'cannot read image {os.fspath(image)}: more than '
+                             f'{Image.MAX_IMAGE_PIXELS} pixels, PIL\'s decompression-bomb limit '
+                             '(PIL.Image.MAX_IMAGE_PIXELS)') from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f'cannot read image {os.fspath(image)}: {e}') from None
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (

@@ -1,5 +1,5 @@
 """Images as files arrive: high bit depths scaled to 8 bits, extreme aspect ratios cropped in the
-memory of the crop.
+memory of the crop, and PIL's decompression-bomb limit as one clear error.
 
 The eval transform's bit-for-bit parity with torchvision on ordinary photos is in
 test_input_pipeline.py (`eval_transform`) and test_predict.py (`preprocess` against each source).
@@ -161,3 +161,23 @@ def test_beyond_12_to_1_the_crop_is_within_2_levels_of_torchvisions(interpolatio
     reference = np.asarray(T.Compose([T.Resize(256, mode), T.CenterCrop(224)])(image))
     out = eval_transform(image, {**SPEC, 'interpolation': interpolation})
     assert np.abs(out.astype(int) - reference).max() <= 2
+
+
+# --- the decompression-bomb limit --------------------------------------------------------------
+
+@pytest.mark.parametrize('side', [11, 30])  # 110 pixels: PIL warns; 900, over twice: PIL raises
+def test_files_over_the_pixel_limit_are_one_clear_error(tmp_path, monkeypatch, recwarn, side):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)
+    Image.new('RGB', (10, side)).save(tmp_path / 'big.png')
+    with pytest.raises(ValueError) as error:
+        open_image(tmp_path / 'big.png')
+    assert str(error.value) == (f"cannot read image {tmp_path / 'big.png'}: more than 100 pixels, "
+                                "PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)")
+    assert len(recwarn) == 0
+
+
+def test_files_at_the_pixel_limit_are_read(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)
+    Image.new('RGB', (10, 10)).save(tmp_path / 'limit.png')
+    assert open_image(tmp_path / 'limit.png').size == (10, 10)
+    assert len(recwarn) == 0
