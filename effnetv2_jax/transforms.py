@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -32,10 +34,22 @@ RESAMPLING = {
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 'RGB' (grayscale, palette, RGBA, CMYK ... converted; alpha dropped)."""
+    """`image` as 8-bit 'RGB': grayscale, palette, CMYK ... converted by PIL, alpha dropped.
+
+    High-bit-depth grayscale is scaled to 8 bits, not clipped: 'I;16*' and 'I' (how PIL decodes
+    16-bit PNG, TIFF and PGM; 'I' clipped to [0, 65535]) keep their high byte, value >> 8, as PIL
+    decodes 16-bit colour and torchvision's `to_dtype(..., scale=True)` converts uint16; 'F'
+    (float TIFF) is read as [0, 1]: round(255 * value), clipped, NaN as 0. So the 16-bit or float
+    copy of an 8-bit picture (v * 257, v / 255) gives back the 8-bit one exactly.
+    """
     if image.mode == 'RGB':
         return image
-    if image.mode == 'P' and 'transparency' in image.info:
+    if image.mode == 'F':
+        values = np.nan_to_num(np.asarray(image), nan=0.0)
+        image = Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8))
+    elif image.mode.startswith('I'):
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == 'P' and 'transparency' in image.info:
         # Going through RGBA avoids PIL's warning about palette transparency; alpha is dropped
         # either way, as torchvision's and timm's loaders do.
         image = image.convert('RGBA')
@@ -49,9 +63,21 @@ def resize_size(spec: dict[str, Any]) -> int:
     return int(spec['size'] / spec['crop_pct'])  # timm's math.floor
 
 
+# Beyond this many crops' worth of pixels, `eval_transform` resamples only the crop's region of
+# the source (a 1 x 20000 PNG would otherwise be resized to 256 x 5120000, 5 GB, for a 224 crop).
+WHOLE_RESIZE_MAX_CROPS = 16
+
+
 def eval_transform(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
     """Resize + center crop as torchvision `Resize(int)` + `CenterCrop` ('shorter') or timm's
-    crop_mode 'squash': uint8 [size, size, 3]."""
+    crop_mode 'squash': uint8 [size, size, 3].
+
+    Bit for bit torchvision's PIL path while the resized image holds at most
+    `WHOLE_RESIZE_MAX_CROPS` crops ('shorter': aspect ratios up to 16 crop_pct^2, 12:1 at 0.875).
+    Beyond, memory stays O(size^2): only the crop's region of the source is resampled, from
+    Pillow's float32 `box`: bilinear and bicubic pixels within 2 levels (a weight moved by 1e-7
+    may round a level apart in each pass), nearest may take the neighbouring source pixel.
+    """
     image = to_rgb(image)
     size, scale = spec['size'], resize_size(spec)
     w, h = image.size
@@ -65,11 +91,33 @@ def eval_transform(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
         new_w = new_h = scale
     else:
         raise ValueError(f"unknown resize mode {spec['resize']!r}")
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), RESAMPLING[spec['interpolation']])
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    crop = (left, top, left + size, top + size)
+    resample = RESAMPLING[spec['interpolation']]
+    if (new_w, new_h) == (w, h):
+        return np.asarray(image.crop(crop))
+    if new_w * new_h <= WHOLE_RESIZE_MAX_CROPS * size * size:
+        return np.asarray(image.resize((new_w, new_h), resample).crop(crop))
+    box = (left * w / new_w, top * h / new_h, (left + size) * w / new_w, (top + size) * h / new_h)
+    return np.asarray(_resize_region(image, box, size, resample))
+
+
+def _resize_region(image: Image.Image, box: tuple[float, float, float, float], size: int,
+                   resample: Image.Resampling) -> Image.Image:
+    """The `box` (left, upper, right, lower: floats, source pixels) of `image` resampled to
+    size x size, as `image.resize(..., box=box)`, touching only the pixels its filter reaches.
+
+    Pillow takes the box in float32 (integers exact only below 2**24): the box is taken relative
+    to a crop of the rows and columns in reach, so a 1 x 20 000 000 image keeps its precision.
+    """
+    scale = max(1.0, (box[2] - box[0]) / size, (box[3] - box[1]) / size)  # source px per output px
+    reach = math.ceil(2 * scale) + 1  # bicubic's support, the widest of RESAMPLING, plus a pixel
+    x0, y0 = max(0, math.floor(box[0]) - reach), max(0, math.floor(box[1]) - reach)
+    x1 = min(image.width, math.ceil(box[2]) + reach)
+    y1 = min(image.height, math.ceil(box[3]) + reach)
+    shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    return image.crop((x0, y0, x1, y1)).resize((size, size), resample, box=shifted)
 
 
 def normalize(images, spec: dict[str, Any]):
@@ -81,15 +129,26 @@ def normalize(images, spec: dict[str, Any]):
 
 
 def open_image(image: ImageLike) -> Image.Image:
-    """A PIL image from an `ImageLike`; ValueError with a one-line reason if it is unusable."""
+    """A PIL image from an `ImageLike`; ValueError with a one-line reason if it is unusable.
+
+    A file of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (PIL's decompression-bomb limit,
+    89 478 485 by default; None lifts it) is refused before it is decoded.
+    """
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
-                opened.load()  # decode now, so that a truncated file fails here
-                return opened
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings():
+                # PIL only warns between 1 and 2 times the limit and refuses beyond: refuse both.
+                warnings.simplefilter('error', Image.DecompressionBombWarning)
+                with Image.open(image) as opened:
+                    opened.load()  # decode now, so that a truncated file fails here
+                    return opened
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f'cannot read image {os.fspath(image)}: more than '
+                             f'{Image.MAX_IMAGE_PIXELS} pixels, PIL\'s decompression-bomb limit '
+                             '(PIL.Image.MAX_IMAGE_PIXELS)') from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f'cannot read image {os.fspath(image)}: {e}') from None
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
