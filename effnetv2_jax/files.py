@@ -30,22 +30,23 @@ class OutputKind(NamedTuple):
     directory: bool = False
 
 
-def _contains(folder: Path, path: Path) -> bool:
-    return folder == path or folder in path.parents
-
-
 def check_output(path: str | os.PathLike, kind: OutputKind,
                  inputs: Iterable[str | os.PathLike] = ()):
     """Raises `OutputError` unless `path` may be written as `kind`: its folder exists, it is not
-    (and does not contain) one of `inputs` or the working directory, and it is either absent or
-    recognisably a `kind`. Touches nothing."""
+    one of `inputs`, nor inside or above one, nor the working directory or above it, and it is
+    either absent or recognisably a `kind`. Touches nothing."""
     path = Path(path)
     resolved = path.resolve()
     for source in inputs:
-        if _contains(resolved, Path(source).resolve()):
-            what = 'is' if resolved == Path(source).resolve() else 'contains'
-            raise OutputError(f'output {path} {what} the input {source}; choose another output')
-    if _contains(resolved, Path.cwd().resolve()):
+        source_path = Path(source).resolve()
+        for relation, holds in (('is', resolved == source_path),
+                                ('contains', resolved in source_path.parents),
+                                ('is inside', source_path in resolved.parents)):
+            if holds:
+                raise OutputError(f'output {path} {relation} the input {source}; '
+                                  'choose another output')
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
         raise OutputError(f'output {path} is (or contains) the working directory; '
                           'choose another output')
     if not path.parent.is_dir():

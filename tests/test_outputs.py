@@ -91,12 +91,11 @@ def test_an_empty_folder_may_become_an_orbax_output(tmp_path, variables):
     assert leaves_equal(checkpoint.read(tmp_path / 'w.orbax')[0], variables)
 
 
-def test_the_input_and_a_folder_containing_it_are_refused(tmp_path):
-    source = tmp_path / 'models' / 'ckpt.pth'
-    source.parent.mkdir()
-    source.write_bytes(b'weights')
+def test_the_input_a_folder_containing_it_and_a_path_inside_it_are_refused(tmp_path):
+    source = tmp_path / 'models' / 'w.orbax'
+    source.mkdir(parents=True)
     for output, relation in ((source, 'is'), (source.parent, 'contains'),
-                             (tmp_path, 'contains')):
+                             (tmp_path, 'contains'), (source / 'out.pth', 'is inside')):
         with pytest.raises(OutputError, match=f'{relation} the input'):
             check_output(output, ANY_FOLDER, inputs=[source])
 
