@@ -68,6 +68,10 @@ def run(capsys, main, argv) -> tuple[int, str]:
     return status, captured.err
 
 
+def to_torch(weights: str) -> list[str]:
+    return ['--to-torch', weights, '--layout', 'timm', '-o', 'out.pth']
+
+
 MISTAKES = {  # id: (command, argv, what the error line says)
     'convert-output-is-a-folder': (
         convert_main, ['ckpt.pth', '-o', 'photos'], 'photos exists and is not'),
@@ -88,14 +92,14 @@ MISTAKES = {  # id: (command, argv, what the error line says)
         convert_main, ['ckpt.pth', '--verify', '--tolerance', '-1'], 'positive number'),
     'convert-unknown-flag': (convert_main, ['ckpt.pth', '--fast'], 'unrecognized arguments'),
     'to-torch-head-not-metadata': (
-        convert_main, ['--to-torch', 'head.msgpack', '--layout', 'timm', '-o', 'out.pth'],
+        convert_main, to_torch('head.msgpack'),
         'params/classifier/bias is float32[3], expected float32[1000]'),
     'to-torch-leaf-shape': (
-        convert_main, ['--to-torch', 'shape.msgpack', '--layout', 'timm', '-o', 'out.pth'],
-        'params/stem/conv/kernel is float32[3, 3, 3, 8]'),
-    'to-torch-unknown-padding': (
-        convert_main, ['--to-torch', 'padding.msgpack', '--layout', 'timm', '-o', 'out.pth'],
-        "padding 'reflect'"),
+        convert_main, to_torch('shape.msgpack'), 'params/stem/conv/kernel is float32[3, 3, 3, 8]'),
+    'to-torch-unknown-padding': (convert_main, to_torch('padding.msgpack'), "padding 'reflect'"),
+    'to-torch-variant-the-layout-lacks': (
+        convert_main, ['--to-torch', 'w.msgpack', '--layout', 'torchvision', '-o', 'out.pth'],
+        'has no EfficientNetV2-B0'),
     'to-torch-over-the-original-checkpoint': (
         convert_main, ['--to-torch', 'w.msgpack', '--layout', 'wzmiaomiao', '-o', 'ckpt.pth'],
         'ckpt.pth exists and is not a PyTorch file written by python -m convert'),
