@@ -376,6 +376,7 @@ def test_bfloat16_training_keeps_float32_parameters_and_statistics(tmp_path, dig
 
 @pytest.mark.parametrize('make, message', [
         (lambda d: d / 'nowhere', 'not found'),
+        (lambda d: (d / 'file').touch() or d / 'file', 'is a file, not a folder'),
         (lambda d: (d / 'empty').mkdir() or d / 'empty', 'no class subfolders'),
 ])
 def test_bad_data_folder_is_a_one_line_error(tmp_path, capsys, make, message):

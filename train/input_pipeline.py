@@ -65,7 +65,8 @@ class ImageFolder:
 def scan_image_folder(root: str) -> ImageFolder:
     """Reads `root/<class>/<image>` (one level, hidden entries skipped, everything sorted)."""
     if not os.path.isdir(root):
-        raise DataError(f'data folder not found: {root}')
+        raise DataError(f'data folder {root} is a file, not a folder' if os.path.exists(root)
+                        else f'data folder not found: {root}')
     class_names = tuple(sorted(e.name for e in os.scandir(root)
                                if e.is_dir() and not e.name.startswith('.')))
     if not class_names:
