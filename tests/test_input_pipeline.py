@@ -141,17 +141,21 @@ def test_val_split_is_deterministic_and_stratified(tmp_path):
 
 # --- training stream -------------------------------------------------------------------------
 
-def test_unreadable_images_are_substituted_and_counted(tmp_path):
+def test_each_draw_of_an_unreadable_image_is_substituted_and_counted_once(tmp_path):
     png = (tmp_path / 'ok.png')
     Image.new('RGB', (SIDE, SIDE), (1, 2, 3)).save(png)
-    bad = {'a/x.jpg': b'garbage, not a jpeg', 'b/truncated.png': png.read_bytes()[:40]}
-    found = ip.scan_image_folder(make_folder(tmp_path / 'data', {'a': 3, 'b': 3}, bad))
-    (batch,) = take(ip.train_dataset(found, global_batch_size=8, seed=0, **PLAIN), 1)  # one epoch
-    assert batch['image'].shape == (8, SIDE, SIDE, 3)
-    assert batch['skipped'].sum() >= 2 and set(batch['skipped']) <= {0, 1, 2}
-    ids = identify(batch['image'])
-    assert all(0 <= i < 6 for i in ids)
-    np.testing.assert_array_equal(batch['label'], [i // 3 for i in ids])  # labels follow images
+    bad = {'a/x.jpg': b'garbage, not a jpeg', 'b/truncated.png': png.read_bytes()[:40],
+           **{f'b/{i}.png': b'' for i in range(4)}}
+    # 2 readable images among 8: every epoch draws runs of unreadable ones, whose substitutes
+    # are looked for past the element's own position.
+    found = ip.scan_image_folder(make_folder(tmp_path / 'data', {'a': 1, 'b': 1}, bad))
+    batches = take(ip.train_dataset(found, global_batch_size=8, seed=0, **PLAIN), 3)  # 3 epochs
+    for batch in batches:
+        assert batch['image'].shape == (8, SIDE, SIDE, 3)
+        assert batch['skipped'].sum() == 6 and set(batch['skipped']) == {0, 1}
+        ids = identify(batch['image'])
+        assert set(ids) == {0, 1}  # the readable images took the others' places ...
+        np.testing.assert_array_equal(batch['label'], ids)  # ... with their labels
 
 
 def test_too_many_unreadable_images_raise_data_error(tmp_path):
@@ -159,6 +163,17 @@ def test_too_many_unreadable_images_raise_data_error(tmp_path):
     found = ip.scan_image_folder(make_folder(tmp_path, {}, bad))
     with pytest.raises(ip.DataError, match='unreadable images in a row'):
         take(ip.train_dataset(found, global_batch_size=2, seed=0, **PLAIN), 1)
+
+
+def test_folder_without_a_readable_image_is_a_data_error(tmp_path):
+    found = ip.scan_image_folder(make_folder(tmp_path, {}, {'a/0.png': b'', 'b/1.jpg': b'x'}))
+    with pytest.raises(ip.DataError, match=r'none of the 2 images in .* can be read \(.*a/0.png: '):
+        ip.require_readable(found)
+
+
+def test_folder_with_one_readable_image_passes_the_readability_check(tmp_path):
+    found = ip.scan_image_folder(make_folder(tmp_path, {'b': 1}, {'a/0.png': b''}))
+    ip.require_readable(found)  # the unreadable a/0.png comes first
 
 
 def test_train_epoch_is_a_permutation_with_matching_labels(folder):

@@ -4,7 +4,10 @@ Multi-device and multi-process behaviour: test_train_distributed.py."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import math
+import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -16,10 +19,12 @@ import pytest
 
 import effnetv2_jax
 from convert import torch_reference
+from effnetv2_jax.model import abstract_variables
 from helpers import convert
-from train import trainer
+from train import input_pipeline, trainer
 from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
+from train.evaluation import evaluate
 from train.progressive import make_stages
 from train.report import Throughput
 from train.trainer import StepConfig, make_optimizer
@@ -30,6 +35,26 @@ SHORT = ['--epochs', '0.2', '--num-stages', '1', '--log-every', '1', '--eval-eve
 
 def read_metrics(workdir):
     return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def assert_one_line_error(capsys, message: str):
+    """stderr is one line `error: ...` holding `message`, and nothing went to stdout."""
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith('error: ') and message in err and '\n' not in err, err
+    assert captured.out == ''
+
+
+def copy_digits(digits: str, split: str, digit: str, folder: Path, count: int):
+    """The first `count` PNGs of `digits/<split>/<digit>` copied into `folder` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for png in sorted((Path(digits) / split / digit).glob('*.png'))[:count]:
+        (folder / png.name).write_bytes(png.read_bytes())
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its content (None for a folder)."""
+    return {str(p): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob('*'))}
 
 
 @pytest.mark.parametrize('preset, sizes, randaug, mixup', [
@@ -62,11 +87,14 @@ def test_command_line_flags_override_the_preset():
         (['--optimizer', 'adam'], '--optimizer must be one of rmsprop, sgd, adamw'),
         (['--eval-only'], '--eval-only needs --init WEIGHTS'),
         (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+        (['--image-size', '-1'], '--image-size must be at least 0, got -1'),
+        (['--num-stages', '0'], '--num-stages must be at least 1, got 0'),
+        (['--epochs', '0'], '--epochs must be positive, got 0.0'),
+        (['--min-scale', '2'], '--min-scale must be in (0, 1], got 2.0'),
 ])
 def test_configuration_mistake_is_a_one_line_error(capsys, args, message):
     assert train_main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith('error: ') and message in err and '\n' not in err, err
+    assert_one_line_error(capsys, message)
 
 
 def test_step_config_holds_what_the_step_reads_of_the_config_and_stage():
@@ -226,9 +254,7 @@ def test_eval_only_evaluates_the_weights_file_without_a_train_state(
     monkeypatch.setattr(trainer, 'TrainState', no_train_state)
     data = tmp_path / 'data'
     for label in ('3', '7'):
-        (data / label).mkdir(parents=True)
-        for png in sorted((Path(digits) / 'test' / label).glob('*.png'))[:4]:
-            (data / label / png.name).write_bytes(png.read_bytes())
+        copy_digits(digits, 'test', label, data / label, 4)
     assert train_main(['--eval-only', '--init', str(converted_b0), '--data-dir', str(data),
                        '--eval-image-size', '32', '--batch-size', '8']) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -236,23 +262,105 @@ def test_eval_only_evaluates_the_weights_file_without_a_train_state(
     assert np.isfinite(result['loss'])
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path, digits, capsys):
+def test_unreadable_images_are_counted_per_draw_and_left_out_of_validation(
+        tmp_path, digits, capsys):
     data = tmp_path / 'data'
-    for split in ('train', 'val'):
-        for label in ('3', '7'):
-            (data / split / label).mkdir(parents=True)
-            for png in sorted((Path(digits) / split / label).glob('*.png'))[:40]:
-                (data / split / label / png.name).write_bytes(png.read_bytes())
-    (data / 'train' / '3' / 'broken.png').write_bytes(b'not an image')
+    copy_digits(digits, 'train', '3', data / 'train' / '3', 8)
+    copy_digits(digits, 'train', '7', data / 'train' / '7', 7)
+    (data / 'train' / '7' / 'broken.png').write_bytes(b'not an image')  # 16 training images
+    for label in ('3', '7'):
+        copy_digits(digits, 'val', label, data / 'val' / label, 3)
     (data / 'val' / '7' / 'broken.jpg').write_bytes(b'\xff\xd8\xff garbage')
+    (data / 'val' / '3' / 'empty.png').write_bytes(b'')
     workdir = tmp_path / 'run'
-    assert train_main(['--data-dir', str(data), '--workdir', str(workdir), '--batch-size', '16',
-                       '--epochs', '1', '--num-stages', '1', '--eval-every', '1']) == 0
+    # 2 epochs of 16 images in 4 steps of 8, one validation at the end
+    assert train_main(['--data-dir', str(data), '--workdir', str(workdir), '--batch-size', '8',
+                       '--epochs', '2', '--num-stages', '1', '--eval-every', '2',
+                       '--ema-decay', '0']) == 0
     out = capsys.readouterr().out
     summary = read_metrics(workdir)[-1]['summary']
-    assert summary['skipped_images'] >= 1
-    assert 'unreadable images skipped' in out
-    assert summary['final']['skipped'] == 1  # the broken val image, masked out of the metrics
+    assert summary['steps'] == 4
+    assert summary['skipped_images'] == 2  # the broken training image, drawn once per epoch
+    assert '2 unreadable images skipped (each file once per epoch that drew it)' in out
+    assert (summary['final']['images'], summary['final']['skipped_images']) == (6, 2)
+    assert 'val top-1' in out and '(2 unreadable images skipped)' in out
+
+
+@pytest.fixture(scope='module')
+def answers_a(tmp_path_factory):
+    """A B0 weights file for the classes ('a', 'b') at 32 px whose variables are all zero but the
+    classifier's bias (1, 0): its logits are (1, 0) for any image, so it answers 'a' with a loss
+    known in closed form."""
+    model = effnetv2_jax.create_model('b0', num_classes=2)
+    variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_variables(model))
+    variables['params']['classifier']['bias'] = np.array([1.0, 0.0], np.float32)
+    path = tmp_path_factory.mktemp('weights') / 'answers_a.msgpack'
+    effnetv2_jax.save(path, variables, {
+            'variant': 'b0', 'num_classes': 2, 'padding': model.padding, 'bn_eps': model.bn_eps,
+            'source_layout': 'effnetv2-jax', 'class_names': ['a', 'b'],
+            'preprocessing': {'size': 32, 'resize': 'shorter', 'crop_pct': 1.0,
+                              'interpolation': 'bicubic', 'mean': [0.5] * 3, 'std': [0.5] * 3}})
+    return path
+
+
+def test_eval_only_denominators_leave_unreadable_images_out(tmp_path, digits, answers_a, capsys):
+    data = tmp_path / 'data'
+    copy_digits(digits, 'test', '3', data / 'a', 3)
+    copy_digits(digits, 'test', '7', data / 'b', 5)
+    (data / 'a' / 'broken.png').write_bytes(b'not an image')
+    (data / 'a' / 'truncated.jpg').write_bytes(b'\xff\xd8\xff garbage')
+    assert train_main(['--eval-only', '--init', str(answers_a), '--data-dir', str(data),
+                       '--batch-size', '4']) == 0
+    first, last = capsys.readouterr().out.splitlines()
+    result = json.loads(last)
+    assert (result['images'], result['skipped_images']) == (8, 2)
+    # Counting the 2 unreadable 'a' images would give 5/10 (as answered) or 3/10.
+    assert result['top1'] == 3 / 8 and result['top5'] == 1
+    # Cross-entropy of logits (1, 0): log(1 + e^-1) for 'a', log(1 + e^1) for 'b'. rel 1e-6:
+    # float32 losses summed over 8 images.
+    loss = (3 * math.log1p(math.exp(-1)) + 5 * math.log1p(math.exp(1))) / 8
+    assert result['loss'] == pytest.approx(loss, rel=1e-6)
+    assert first.endswith('on 8 images (2 unreadable images skipped)'), first
+
+
+def test_eval_only_without_a_readable_image_is_a_one_line_error(tmp_path, answers_a, capsys):
+    data = tmp_path / 'data'
+    (data / 'a').mkdir(parents=True)
+    (data / 'a' / 'broken.png').write_bytes(b'not an image')
+    (data / 'a' / 'empty.jpg').write_bytes(b'')
+    assert train_main(['--eval-only', '--init', str(answers_a), '--data-dir', str(data)]) == 2
+    assert_one_line_error(capsys, f'none of the 2 images in {data} can be read')
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_training_without_a_readable_image_in_a_split_writes_nothing(
+        tmp_path, digits, capsys, split):
+    data = tmp_path / 'data'
+    for part in ('train', 'val'):
+        copy_digits(digits, part, '3', data / part / '3', 2)
+    for png in (data / split / '3').iterdir():
+        png.write_bytes(b'')
+    workdir = tmp_path / 'run'
+    assert train_main(['--data-dir', str(data), '--workdir', str(workdir)]) == 2
+    assert_one_line_error(capsys, f'none of the 2 images in {data / split} can be read')
+    assert not workdir.exists()
+
+
+def test_evaluation_without_a_readable_image_is_a_data_error(tmp_path):
+    """Images that became unreadable after the run's first check still leave no 0 % result."""
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'a' / 'gone.png').write_bytes(b'')
+    folder = input_pipeline.scan_image_folder(str(tmp_path))
+    model = TinyClassifier()
+    weights = {'raw': jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))}
+    mesh = trainer.make_mesh()
+    spec = {'size': 8, 'resize': 'shorter', 'crop_pct': 1.0, 'interpolation': 'bilinear',
+            'mean': [0.5] * 3, 'std': [0.5] * 3}
+    eval_fn = trainer.jit_eval_step(mesh, trainer.state_shardings(mesh, weights), model=model,
+                                    spec=spec)
+    dataset = input_pipeline.eval_dataset(folder, global_batch_size=2, spec=spec)
+    with pytest.raises(input_pipeline.DataError, match=r'no readable image to evaluate \(1 '):
+        evaluate(eval_fn, weights, dataset, mesh)
 
 
 def test_bfloat16_training_keeps_float32_parameters_and_statistics(tmp_path, digits):
@@ -268,10 +376,74 @@ def test_bfloat16_training_keeps_float32_parameters_and_statistics(tmp_path, dig
 
 @pytest.mark.parametrize('make, message', [
         (lambda d: d / 'nowhere', 'not found'),
+        (lambda d: (d / 'file').touch() or d / 'file', 'is a file, not a folder'),
         (lambda d: (d / 'empty').mkdir() or d / 'empty', 'no class subfolders'),
 ])
 def test_bad_data_folder_is_a_one_line_error(tmp_path, capsys, make, message):
     assert train_main(['--data-dir', str(make(tmp_path)), '--workdir',
                        str(tmp_path / 'run')]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith('error: ') and message in err and '\n' not in err
+    assert_one_line_error(capsys, message)
+
+
+def workdir_is_a_file(tmp_path, digits, weights):
+    (tmp_path / 'run').write_text('not a folder')
+    return ['--data-dir', digits, '--workdir', str(tmp_path / 'run')]
+
+
+def workdir_below_a_file(tmp_path, digits, weights):
+    (tmp_path / 'file').write_text('not a folder')
+    return ['--data-dir', digits, '--workdir', str(tmp_path / 'file' / 'run')]
+
+
+def init_missing(tmp_path, digits, weights):
+    return ['--data-dir', digits, '--workdir', str(tmp_path / 'run'), '--init',
+            str(tmp_path / 'missing.msgpack')]
+
+
+def init_corrupt(tmp_path, digits, weights):
+    (tmp_path / 'corrupt.msgpack').write_bytes(weights.read_bytes()[:1000])
+    return ['--data-dir', digits, '--workdir', str(tmp_path / 'run'), '--init',
+            str(tmp_path / 'corrupt.msgpack')]
+
+
+def eval_only_init_missing(tmp_path, digits, weights):
+    return ['--eval-only', '--data-dir', f'{digits}/test', '--init', str(tmp_path / 'missing')]
+
+
+def eval_only_other_classes(tmp_path, digits, weights):
+    copy_digits(digits, 'test', '3', tmp_path / 'data' / '3', 1)
+    return ['--eval-only', '--data-dir', str(tmp_path / 'data'), '--init', str(weights)]
+
+
+@pytest.mark.parametrize('mistake, message', [
+        (workdir_is_a_file, 'is a file, not a folder'),
+        (workdir_below_a_file, 'Not a directory'),
+        (init_missing, 'cannot read --init'),
+        (init_corrupt, 'cannot read --init'),
+        (eval_only_init_missing, 'cannot read --init'),
+        (eval_only_other_classes, "classes ['3'] are not among the weights' classes"),
+])
+def test_user_mistake_is_a_one_line_error_and_writes_nothing(
+        tmp_path, digits, answers_a, capsys, mistake, message):
+    args = mistake(tmp_path, digits, answers_a)
+    before = snapshot(tmp_path)
+    assert train_main(args) == 2
+    assert_one_line_error(capsys, message)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec('tensorboardX') is not None,
+                    reason='tensorboardX is installed')
+def test_tensorboard_without_tensorboardx_is_a_one_line_error(tmp_path, digits, capsys):
+    assert train_main(['--data-dir', digits, '--workdir', str(tmp_path / 'run'),
+                       '--tensorboard']) == 2
+    assert_one_line_error(capsys, '--tensorboard needs `pip install tensorboardX`')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root may write into a read-only folder')
+def test_read_only_workdir_is_a_one_line_error(tmp_path, digits, capsys):
+    workdir = tmp_path / 'run'
+    workdir.mkdir(mode=0o555)
+    assert train_main(['--data-dir', digits, '--workdir', str(workdir)]) == 2
+    assert_one_line_error(capsys, 'is not writable')
+    assert list(workdir.iterdir()) == []

@@ -163,6 +163,28 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, digits):
     assert difference <= 1e-4
 
 
+COUNT_CHECK = textwrap.dedent('''
+    import sys, jax
+    from train.__main__ import init_distributed
+    from train.config import parse_args
+    init_distributed(parse_args(sys.argv[1:]))
+    from train.evaluation import total_over_processes
+    print(total_over_processes(jax.process_index() + 1))
+''')
+
+
+def test_counts_of_unreadable_images_are_summed_over_processes():
+    """What each process counts of its own rows (unreadable images) is reported as the total."""
+    port = portpicker.pick_unused_port()
+    processes = [subprocess.Popen(
+            [sys.executable, '-c', COUNT_CHECK, '--coordinator-address', f'127.0.0.1:{port}',
+             '--num-processes', '2', '--process-id', str(i)], cwd=ROOT, env=environment(1),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    # 1 + 2 on both (the last line: gloo prints its connections to stdout first)
+    assert [out.split()[-1:] for out, _ in outputs] == [['3'], ['3']], outputs
+
+
 def test_batch_size_not_a_multiple_of_the_devices_is_a_one_line_error(tmp_path, digits):
     result = train(tmp_path, '--data-dir', digits, '--batch-size', '12', devices=8, check=False)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             result = loop.evaluate_weights(config)
             print(f'{config.init}: top-1 {result["top1"]:.2%}, top-5 {result["top5"]:.2%}, '
                   f'loss {result["loss"]:.4f} on {result["images"]} images'
-                  + (f' ({result["skipped_images"]} unreadable, skipped)'
+                  + (f' ({result["skipped_images"]} unreadable images skipped)'
                      if result['skipped_images'] else ''))
             print(json.dumps(result))
             return cli.EXIT_OK
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
                  if summary['final'] else 'no validation set')
         print(f'done: {summary["steps"]} steps in {summary["seconds"]:.0f} s, {final}'
               + (f', {rate:.0f} img/s' if rate else '')
-              + (f', {summary["skipped_images"]} unreadable images skipped'
-                 if summary['skipped_images'] else '')
+              + (f', {summary["skipped_images"]} unreadable images skipped (each file once '
+                 'per epoch that drew it)' if summary['skipped_images'] else '')
               + f'; weights {summary["weights"]}, curves {summary["plot"]}')
     return cli.EXIT_OK
 

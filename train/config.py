@@ -25,7 +25,10 @@ CHOICES = {
         'lr_schedule': ('cosine', 'exponential'),
         'distributed': ('auto', 'on', 'off'),
 }
-AT_LEAST_ONE = ('batch_size', 'base_batch_size', 'log_every', 'checkpoint_every')
+AT_LEAST_ONE = ('batch_size', 'base_batch_size', 'log_every', 'checkpoint_every', 'num_stages',
+                'min_image_size', 'keep_checkpoints')
+AT_LEAST_ZERO = ('image_size', 'eval_image_size', 'num_workers', 'randaug_layers')
+POSITIVE = ('epochs', 'eval_every')
 
 
 def flag(name: str) -> str:
@@ -106,9 +109,16 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f'{flag(name)} must be one of {", ".join(allowed)}, got '
                                   f'{getattr(self, name)!r}')
-        for name in AT_LEAST_ONE:
-            if getattr(self, name) < 1:
-                raise ConfigError(f'{flag(name)} must be at least 1, got {getattr(self, name)}')
+        for names, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+            for name in names:
+                if getattr(self, name) < least:
+                    raise ConfigError(f'{flag(name)} must be at least {least}, got '
+                                      f'{getattr(self, name)}')
+        for name in POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f'{flag(name)} must be positive, got {getattr(self, name)}')
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(f'--min-scale must be in (0, 1], got {self.min_scale}')
         if not 0 <= self.val_split < 1:
             raise ConfigError(f'--val-split must be in [0, 1), got {self.val_split}')
         if self.eval_only and not self.init:

@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from train import trainer
+from train.input_pipeline import DataError
 from train.report import Reporter
 
 
+def total_over_processes(count: int) -> int:
+    """The sum of each process's `count` (every process must call it)."""
+    return int(np.sum(multihost_utils.process_allgather(np.int32(count))))
+
+
 def evaluate(eval_fn, weights: dict[str, dict], dataset, mesh: Mesh) -> dict:
-    """{'<name>/loss', '<name>/top1', '<name>/top5' for each name of `weights`, 'skipped'} over a
-    whole eval dataset (`eval_fn`: a jitted `trainer.eval_step`); padding and unreadable images
-    are masked out, 'skipped' counts the unreadable ones."""
+    """{'<name>/loss', '<name>/top1', '<name>/top5' for each name of `weights`, 'images',
+    'skipped_images'} over a whole eval dataset (`eval_fn`: a jitted `trainer.eval_step`).
+    Unreadable images are left out of the metrics: 'images' counts those evaluated,
+    'skipped_images' the unreadable ones. Raises `DataError` when no image was readable."""
     totals, skipped = None, 0
     for batch in dataset:
         skipped += int(batch.pop('skipped').sum())
         sums = eval_fn(weights, trainer.global_batch(mesh, batch))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    count = max(float(totals.pop('count')), 1.0)
-    result = {k: float(v) / count for k, v in totals.items()}
-    result['skipped'] = skipped
-    return result
+    images, skipped = int(totals.pop('count')), total_over_processes(skipped)
+    if images == 0:
+        raise DataError(f'no readable image to evaluate ({skipped} unreadable)')
+    return {**{k: float(v) / images for k, v in totals.items()}, 'images': images,
+            'skipped_images': skipped}
 
 
 class Validation:
@@ -48,5 +58,7 @@ class Validation:
         self.reporter.print(
                 f'step {step}: val top-1 {result["raw/top1"]:.2%} top-5 '
                 f'{result["raw/top5"]:.2%} loss {result["raw/loss"]:.3f}'
-                + (f' | EMA top-1 {result["ema/top1"]:.2%}' if 'ema' in weights else ''))
+                + (f' | EMA top-1 {result["ema/top1"]:.2%}' if 'ema' in weights else '')
+                + (f' ({result["skipped_images"]} unreadable images skipped)'
+                   if result['skipped_images'] else ''))
         return result

@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from effnetv2_jax.cli import first_line
 from effnetv2_jax.transforms import eval_transform, to_rgb
 from train.randaugment import rand_augment
 
@@ -64,7 +65,8 @@ class ImageFolder:
 def scan_image_folder(root: str) -> ImageFolder:
     """Reads `root/<class>/<image>` (one level, hidden entries skipped, everything sorted)."""
     if not os.path.isdir(root):
-        raise DataError(f'data folder not found: {root}')
+        raise DataError(f'data folder {root} is a file, not a folder' if os.path.exists(root)
+                        else f'data folder not found: {root}')
     class_names = tuple(sorted(e.name for e in os.scandir(root)
                                if e.is_dir() and not e.name.startswith('.')))
     if not class_names:
@@ -120,15 +122,35 @@ def find_splits(data_dir: str, val_split: float = 0.0,
     return train.subset(train_indices), train.subset(val_indices)
 
 
-def load_image(path: str) -> Image.Image | None:
-    """The decoded 'RGB' image, or None (logged) when the file cannot be read or decoded."""
+def _decode(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def load_image(path: str, warn: bool = True) -> Image.Image | None:
+    """The decoded 'RGB' image, or None (logged if `warn`) when the file cannot be read or
+    decoded."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        return _decode(path)
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "unreadable"
-        log.warning('unreadable image %s: %s', path, e)
+        if warn:
+            log.warning('unreadable image %s: %s', path, e)
         return None
+
+
+def require_readable(folder: ImageFolder):
+    """Raises `DataError` unless some image of `folder` decodes; reads only up to the first that
+    does, so a usable folder costs one decode."""
+    first_failure = None
+    for path in folder.paths:
+        try:
+            _decode(path)
+            return
+        except Exception as e:  # noqa: BLE001 -- as in load_image
+            first_failure = first_failure or f'{path}: {first_line(e)}'
+    raise DataError(f'none of the {len(folder)} images in {folder.root} can be read '
+                    f'({first_failure})')
 
 
 def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],
@@ -219,19 +241,21 @@ class _TrainBatch(_LocalBatch):
 
     def _element(self, position: int) -> dict:
         n = len(self.folder)
-        # An unreadable image is replaced by the next one in the stream, so shapes stay fixed.
-        for skipped in range(MAX_SUBSTITUTIONS):
-            epoch, k = divmod(position + skipped, n)
+        # An unreadable image is replaced by the next readable one in the stream, so shapes stay
+        # fixed. Only the element's own position is counted (and logged): the images it looked at
+        # beyond are counted by their own positions, so each draw of a bad file counts once.
+        for offset in range(MAX_SUBSTITUTIONS):
+            epoch, k = divmod(position + offset, n)
             index = _epoch_permutation(self.seed, epoch, n)[k]
-            image = load_image(self.folder.paths[index])
+            image = load_image(self.folder.paths[index], warn=offset == 0)
             if image is not None:
                 break
         else:
-            raise DataError(f'{MAX_SUBSTITUTIONS} unreadable images in a row, the last '
-                            f'{self.folder.paths[index]}')
+            raise DataError(f'{MAX_SUBSTITUTIONS} unreadable images in a row in the training '
+                            f'stream, the last {self.folder.paths[index]}')
         rng = np.random.default_rng([self.seed, _AUGMENT, self.stage, position])
         return {'image': self.transform(image, rng), 'label': self.folder.labels[index],
-                'skipped': skipped}
+                'skipped': int(offset > 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +297,10 @@ def train_dataset(folder: ImageFolder, *, global_batch_size: int, image_size: in
                   min_scale: float = 0.08, flip: bool = True,
                   start_step: int = 0) -> grain.IterDataset:
     """Infinite stream of this process's local training batches, from global step `start_step`:
-    'image' uint8 [L, image_size, image_size, 3], 'label' int32 [L], 'skipped' int32 [L] (how
-    many unreadable images each element replaced), L = global_batch_size / process_count.
+    'image' uint8 [L, image_size, image_size, 3], 'label' int32 [L], 'skipped' int32 [L] (1
+    where the image drawn was unreadable and the next readable one in the stream took its place),
+    L = global_batch_size / process_count. Summed over a run, 'skipped' counts each unreadable
+    file once per epoch that draws it.
 
     A function of its arguments only: `iter(ds)` with `set_state` of a saved iterator resumes
     exactly, and so does a new dataset with `start_step` = the next global step."""

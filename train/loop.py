@@ -8,6 +8,7 @@ with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
 from train.config import ConfigError, TrainConfig
 from train.digits import materialize_digits
-from train.evaluation import Validation, evaluate
+from train.evaluation import Validation, evaluate, total_over_processes
 from train.progressive import ProgressiveStage, make_stages, stage_at
 from train.report import WORKDIR_OUTPUTS, MetricsWindow, Reporter, Throughput, plot_curves
 from train.run_checkpoints import RunCheckpoints
@@ -70,12 +71,33 @@ def _check_outputs(workdir: Path):
 def _data_dir(config: TrainConfig) -> str:
     if config.data_dir:
         return config.data_dir
-    root = str(Path(config.workdir) / 'digits')
+    workdir = _make_workdir(config)
+    root = str(workdir / 'digits')
     if jax.process_index() == 0:
-        materialize_digits(root)
+        try:
+            materialize_digits(root)
+        except OSError as e:
+            raise input_pipeline.DataError(f'cannot write the digits to {root}: '
+                                           f'{cli.first_line(e)}') from None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('digits materialised')
     return root
+
+
+def _make_workdir(config: TrainConfig) -> Path:
+    """The workdir, created if missing; `ConfigError` when it cannot be a writable folder or holds
+    a file in the place of one the run writes (`_check_outputs`)."""
+    workdir = Path(config.workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f'--workdir {workdir} is a file, not a folder') from None
+    except OSError as e:
+        raise ConfigError(f'--workdir {workdir}: {cli.first_line(e)}') from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise ConfigError(f'--workdir {workdir} is not writable')
+    _check_outputs(workdir)
+    return workdir
 
 
 def _eval_spec(config: TrainConfig, variant, init_metadata: dict | None) -> dict:
@@ -174,11 +196,11 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     'weights', ...}. Raises `ConfigError` for a configuration this machine cannot run,
     `input_pipeline.DataError` for bad data, `Preempted` on SIGTERM."""
     started = time.time()
-    workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_outputs(workdir)
     train_folder, val_folder = input_pipeline.find_splits(
             _data_dir(config), config.val_split, config.seed)
+    for folder in (train_folder, val_folder):
+        if folder is not None:
+            input_pipeline.require_readable(folder)
     num_classes = len(train_folder.class_names)
     model, variables, init_metadata = _model_and_variables(config, num_classes)
     spec = _eval_spec(config, model.variant, init_metadata)
@@ -194,6 +216,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     if config.batch_size % jax.device_count():
         raise ConfigError(f'--batch-size {config.batch_size} is not a multiple of the '
                           f'{jax.device_count()} devices')
+    workdir = _make_workdir(config)  # once the data and --init are known to be usable
     run_checkpoints = RunCheckpoints(workdir, config.keep_checkpoints, config.num_workers)
     state, state_sharding, saved_progress = _initial_state(
             config, run_checkpoints, mesh, model, tx, variables)
@@ -270,7 +293,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             'final_top1': last_eval[f'{saved}/top1'] if last_eval else None,
             'steps': step, 'seconds': time.time() - started,
             'images_per_second': throughput.images_per_second,
-            'skipped_images': skipped_images, 'weights': str(weights), 'plot': str(plot)}
+            'skipped_images': total_over_processes(skipped_images), 'weights': str(weights),
+            'plot': str(plot)}
     reporter.write(step, {'summary': summary})
     return summary
 
@@ -290,13 +314,15 @@ def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
 
 
 def evaluate_weights(config: TrainConfig) -> dict:
-    """`--eval-only`: top-1/top-5/loss of `config.init` on `data_dir` (its val/ subfolder if it
-    has one, else the whole class-folder tree)."""
+    """`--eval-only`: {'top1', 'top5', 'loss', 'images', 'skipped_images'} of `config.init` on
+    `data_dir` (its val/ subfolder if it has one, else the whole class-folder tree); the metrics
+    are over the 'images' that could be read, 'skipped_images' counts the others."""
     if not config.init:
         raise ConfigError('--eval-only needs --init WEIGHTS')
     data_dir = Path(_data_dir(config))
     folder = input_pipeline.scan_image_folder(
             data_dir / 'val' if (data_dir / 'val').is_dir() else data_dir)
+    input_pipeline.require_readable(folder)
     variables, metadata = _read_init(config.init)
     names = metadata.get('class_names') or [str(i) for i in range(metadata['num_classes'])]
     unknown = sorted(set(folder.class_names) - set(names))
@@ -320,5 +346,5 @@ def evaluate_weights(config: TrainConfig) -> dict:
             process_index=jax.process_index(), process_count=jax.process_count(),
             num_workers=config.num_workers)
     result = evaluate(eval_fn, jax.device_put(weights, weights_sharding), dataset, mesh)
-    return {'images': len(folder), 'top1': result['raw/top1'], 'top5': result['raw/top5'],
-            'loss': result['raw/loss'], 'skipped_images': result['skipped']}
+    return {'top1': result['raw/top1'], 'top5': result['raw/top5'], 'loss': result['raw/loss'],
+            'images': result['images'], 'skipped_images': result['skipped_images']}

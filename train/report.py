@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from effnetv2_jax.files import OutputKind, atomic_write
+from train.config import ConfigError
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'curves.png'
@@ -41,17 +42,17 @@ class Reporter:
     def __init__(self, workdir: str, total_steps: int, first_step: int, tensorboard: bool = False):
         self.enabled = jax.process_index() == 0
         self.workdir = Path(workdir)
-        if self.enabled:
-            self._forget_after(first_step)
-        self.bar = tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True,
-                        disable=not self.enabled, smoothing=0.1)
         self.writer = None
         if self.enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                raise SystemExit('--tensorboard needs `pip install tensorboardX`') from None
+                raise ConfigError('--tensorboard needs `pip install tensorboardX`') from None
             self.writer = SummaryWriter(str(self.workdir / 'tensorboard'))
+        if self.enabled:
+            self._forget_after(first_step)
+        self.bar = tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True,
+                        disable=not self.enabled, smoothing=0.1)
 
     def _forget_after(self, step: int):
         """A resumed run repeats the steps after its checkpoint: drop their old lines."""
