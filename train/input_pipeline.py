@@ -26,7 +26,7 @@ from absl import flags
 from PIL import Image
 
 from effnetv2_jax.cli import first_line
-from effnetv2_jax.transforms import eval_transform, to_rgb
+from effnetv2_jax.transforms import eval_transform, open_image, to_rgb
 from train.randaugment import rand_augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -123,9 +123,7 @@ def find_splits(data_dir: str, val_split: float = 0.0,
 
 
 def _decode(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
+    return to_rgb(open_image(path))  # the decompression-bomb limit, as at inference
 
 
 def load_image(path: str, warn: bool = True) -> Image.Image | None:
