@@ -18,6 +18,7 @@ from convert.__main__ import main as convert_main
 from effnetv2_jax.export import main as export_main
 from effnetv2_jax.predict import main as predict_main
 from helpers import random_variables, write_unchecked_weights
+from train.__main__ import main as train_main
 
 METADATA = {'variant': 'b0', 'num_classes': 3, 'padding': 'symmetric', 'bn_eps': 1e-3}
 
@@ -35,15 +36,15 @@ def state_dict():
 
 @pytest.fixture
 def folder(tmp_path, monkeypatch, variables, state_dict) -> Path:
-    """The working directory: ckpt.pth, w.msgpack, mine.txt, photos/cat.png, and weights files
-    whose variables or metadata are wrong."""
+    """The working directory: ckpt.pth, w.msgpack, mine.txt, photos/cat/0.png (also a class
+    folder tree), and weights files whose variables or metadata are wrong."""
     monkeypatch.chdir(tmp_path)
     torch.save(state_dict, tmp_path / 'ckpt.pth')
     effnetv2_jax.save(tmp_path / 'w.msgpack', variables, METADATA)
     (tmp_path / 'mine.txt').write_text('my notes')
-    (tmp_path / 'photos').mkdir()
+    (tmp_path / 'photos' / 'cat').mkdir(parents=True)
     from PIL import Image
-    Image.new('RGB', (40, 30), (200, 100, 50)).save(tmp_path / 'photos' / 'cat.png')
+    Image.new('RGB', (40, 30), (200, 100, 50)).save(tmp_path / 'photos' / 'cat' / '0.png')
     write_unchecked_weights(tmp_path / 'head.msgpack', variables,
                             {**METADATA, 'num_classes': 1000})
     write_unchecked_weights(tmp_path / 'padding.msgpack', variables,
@@ -108,10 +109,16 @@ MISTAKES = {  # id: (command, argv, what the error line says)
     'export-weights-not-metadata': (
         export_main, ['head.msgpack', '-o', 'out.jaxexport'], 'expected float32[1000]'),
     'predict-weights-not-metadata': (
-        predict_main, ['photos/cat.png', '--weights', 'head.msgpack'],
+        predict_main, ['photos/cat/0.png', '--weights', 'head.msgpack'],
         'expected float32[1000]'),
+    'train-init-weights-not-metadata': (
+        train_main, ['--init', 'head.msgpack', '--data-dir', 'photos', '--workdir', 'run'],
+        'expected float32[1000]'),
+    'train-eval-only-weights-not-metadata': (
+        train_main, ['--eval-only', '--init', 'head.msgpack', '--data-dir', 'photos',
+                     '--workdir', 'run'], 'expected float32[1000]'),
     'predict-top-k-0': (
-        predict_main, ['photos/cat.png', '--weights', 'w.msgpack', '--top-k', '0'], '--top-k'),
+        predict_main, ['photos/cat/0.png', '--weights', 'w.msgpack', '--top-k', '0'], '--top-k'),
 }
 
 
