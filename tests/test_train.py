@@ -91,6 +91,10 @@ def test_command_line_flags_override_the_preset():
         (['--num-stages', '0'], '--num-stages must be at least 1, got 0'),
         (['--epochs', '0'], '--epochs must be positive, got 0.0'),
         (['--min-scale', '2'], '--min-scale must be in (0, 1], got 2.0'),
+        (['--ema-decay', '2'], '--ema-decay must be in [0, 1), got 2.0'),
+        (['--base-lr', 'nan'], '--base-lr must be positive, got nan'),
+        (['--warmup-epochs', '-1'], '--warmup-epochs must be at least 0, got -1.0'),
+        (['--mixup', 'nan'], '--mixup must be at least 0, got nan'),
 ])
 def test_configuration_mistake_is_a_one_line_error(capsys, args, message):
     assert train_main(args) == 2

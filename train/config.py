@@ -27,8 +27,11 @@ CHOICES = {
 }
 AT_LEAST_ONE = ('batch_size', 'base_batch_size', 'log_every', 'checkpoint_every', 'num_stages',
                 'min_image_size', 'keep_checkpoints')
-AT_LEAST_ZERO = ('image_size', 'eval_image_size', 'num_workers', 'randaug_layers')
-POSITIVE = ('epochs', 'eval_every')
+AT_LEAST_ZERO = ('image_size', 'eval_image_size', 'num_workers', 'randaug_layers', 'min_randaug',
+                 'randaug', 'min_mixup', 'mixup', 'cutmix', 'warmup_epochs', 'weight_decay',
+                 'grad_clip')
+POSITIVE = ('epochs', 'eval_every', 'base_lr', 'decay_rate', 'decay_epochs')
+BELOW_ONE = ('min_dropout', 'dropout', 'momentum', 'label_smoothing', 'ema_decay')  # in [0, 1)
 
 
 def flag(name: str) -> str:
@@ -111,12 +114,15 @@ class TrainConfig:
                                   f'{getattr(self, name)!r}')
         for names, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
             for name in names:
-                if getattr(self, name) < least:
+                if not getattr(self, name) >= least:  # NaN too
                     raise ConfigError(f'{flag(name)} must be at least {least}, got '
                                       f'{getattr(self, name)}')
         for name in POSITIVE:
             if not getattr(self, name) > 0:
                 raise ConfigError(f'{flag(name)} must be positive, got {getattr(self, name)}')
+        for name in BELOW_ONE:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f'{flag(name)} must be in [0, 1), got {getattr(self, name)}')
         if not 0 < self.min_scale <= 1:
             raise ConfigError(f'--min-scale must be in (0, 1], got {self.min_scale}')
         if not 0 <= self.val_split < 1:
