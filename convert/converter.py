@@ -9,21 +9,18 @@ from convert import layouts
 from convert.torch_io import CheckpointError
 from convert.layouts import Layout
 from effnetv2_jax.checkpoint import check_variables
+from effnetv2_jax.cli import first_few
 from effnetv2_jax.configs import VARIANTS, Variant, get_variant
 from effnetv2_jax.layers import PADDINGS
 
 
 def _diff_report(expected: dict, state_dict: dict, limit: int = 8) -> str:
     """One line naming missing, unexpected and shape-mismatched keys (the first few of each)."""
-    def show(items):
-        items = list(items)
-        more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
-        return ', '.join(items[:limit]) + more
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f'{k} {tuple(state_dict[k].shape)} != {expected[k]}'
                   for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
-    parts = [f'{label} {show(items)}' for label, items in
+    parts = [f'{label} {first_few(items, limit)}' for label, items in
              (('missing:', missing), ('unexpected:', unexpected), ('shape mismatch:', mismatched))
              if items]
     return '; '.join(parts)
@@ -90,8 +87,7 @@ def check_finite(state_dict: dict[str, np.ndarray], limit: int = 5):
     bad = [k for k, v in state_dict.items()
            if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v))]
     if bad:
-        more = f' (+{len(bad) - limit} more)' if len(bad) > limit else ''
-        raise CheckpointError(f'NaN or Inf in {", ".join(bad[:limit])}{more}; '
+        raise CheckpointError(f'NaN or Inf in {first_few(bad, limit)}; '
                               '--allow-nonfinite converts them anyway')
 
 

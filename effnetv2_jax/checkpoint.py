@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.cli import first_few, first_line
 from effnetv2_jax.configs import get_variant
 from effnetv2_jax.files import OutputKind, atomic_write, atomic_write_bytes
 from effnetv2_jax.layers import PADDINGS
@@ -28,6 +28,8 @@ from effnetv2_jax.transforms import SPEC_KEYS, check_spec
 FORMAT_VERSION = 1
 MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
 COLLECTIONS = ('params', 'batch_stats')
+
+
 def _is_msgpack_weights(path: Path) -> bool:
     """Whether `path` is a msgpack map whose first entry is metadata with a format_version (what
     `save` writes: flax serialises the keys sorted), read without loading the variables."""
@@ -35,8 +37,10 @@ def _is_msgpack_weights(path: Path) -> bool:
     try:
         with open(path, 'rb') as f:
             unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 20)
-            return (unpacker.read_map_header() == 2 and unpacker.unpack() == 'metadata'
-                    and 'format_version' in unpacker.unpack())
+            if unpacker.read_map_header() != 2 or unpacker.unpack() != 'metadata':
+                return False
+            metadata = unpacker.unpack()
+        return isinstance(metadata, dict) and 'format_version' in metadata
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
 
@@ -55,11 +59,6 @@ OUTPUT_KINDS = {
     'msgpack': OutputKind('an effnetv2-jax weights file', _is_msgpack_weights),
     'orbax': OutputKind('an effnetv2-jax Orbax weights folder', _is_orbax_weights, directory=True),
 }
-
-
-def _first(items: list[str], limit: int = 4) -> str:
-    more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
-    return ', '.join(items[:limit]) + more
 
 
 def check_metadata(metadata) -> None:
@@ -123,7 +122,7 @@ def check_variables(variables, metadata: dict[str, Any]) -> None:
                             f'{list(getattr(leaf, "shape", ()))}, expected {dtype}{list(shape)}')
     if problems:
         name = f'EfficientNetV2-{metadata["variant"].upper()} ({metadata["num_classes"]} classes)'
-        raise ValueError(f'the variables do not fit {name}: {_first(problems)}')
+        raise ValueError(f'the variables do not fit {name}: {first_few(problems, 4)}')
 
 
 def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:

@@ -51,6 +51,13 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return lines[0][:limit] if lines else type(e).__name__
 
 
+def first_few(items, limit: int) -> str:
+    """'a, b, c (+N more)': the first `limit` of `items`, comma-separated, for one-line errors."""
+    items = [str(i) for i in items]
+    more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
+    return ', '.join(items[:limit]) + more
+
+
 def fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
     """Prints `error: <message>` as one line on stderr and returns `status` for `sys.exit`."""
     print(f'error: {message}', file=sys.stderr)
