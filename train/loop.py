@@ -39,20 +39,27 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """Whether the run has been asked to stop. A single process sets a flag on SIGTERM; several
-    processes use JAX's preemption sync point instead, so that every process stops at the same
-    step."""
+    """Whether the run is to stop and save, asked after every step. A single process sets a flag
+    on SIGTERM. Several processes must all stop at the same step: JAX's preemption sync manager
+    (started by `jax.distributed.initialize`, with its own SIGTERM handler) tells every process
+    of a SIGTERM to any of them and picks the step after the furthest one; it answers yes only
+    when asked about exactly that step, hence the question at every step (measured: under 0.1 ms
+    a question)."""
 
     def __init__(self, run_checkpoints: RunCheckpoints):
         self.run_checkpoints = run_checkpoints
         self.sigterm = False
         if jax.process_count() == 1:
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        else:  # the step the run starts at, as the manager assumes 0, which a resumed run never
+            # asks about: a SIGTERM before the first step then stops the run after it
+            run_checkpoints.reached_preemption(run_checkpoints.latest_step() or 0)
 
     def _on_sigterm(self, *_):
         self.sigterm = True
 
     def requested(self, step: int) -> bool:
+        """Whether to save `step` (just trained) and stop; every process gets the same answer."""
         return self.sigterm or (jax.process_count() > 1
                                 and self.run_checkpoints.reached_preemption(step))
 
@@ -218,6 +225,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                           f'{jax.device_count()} devices')
     workdir = _make_workdir(config)  # once the data and --init are known to be usable
     run_checkpoints = RunCheckpoints(workdir, config.keep_checkpoints, config.num_workers)
+    preemption = Preemption(run_checkpoints)
     state, state_sharding, saved_progress = _initial_state(
             config, run_checkpoints, mesh, model, tx, variables)
     step = int(state.step)
@@ -237,7 +245,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                     process_index=jax.process_index(), process_count=jax.process_count(),
                     num_workers=config.num_workers),
             mesh, reporter)
-    preemption = Preemption(run_checkpoints)
     throughput = Throughput(config.batch_size)
     skipped_images, last_eval = 0, None
 
@@ -262,14 +269,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             step += 1
             window.add(metrics)
             last_of_stage = step == stage.last_step
-            if step % config.log_every == 0 or last_of_stage:
+            preempted = preemption.requested(step)
+            if step % config.log_every == 0 or last_of_stage or preempted:
                 _log_window(reporter, step, window, throughput, stage, steps_per_epoch)
-                if preemption.requested(step):
-                    run_checkpoints.save(step, state, data, stage.index)
-                    run_checkpoints.wait()
-                    reporter.close()
-                    raise Preempted(f'SIGTERM: saved step {step} in {workdir}; run the same '
-                                    'command to resume')
+            if preempted:
+                run_checkpoints.save(step, state, data, stage.index)
+                run_checkpoints.wait()
+                reporter.close()
+                raise Preempted(f'SIGTERM: saved step {step} in {workdir}; run the same '
+                                'command to resume')
             if step % config.checkpoint_every == 0 or last_of_stage:
                 run_checkpoints.save(step, state, data, stage.index)
             if step % eval_every == 0 or step == total_steps:

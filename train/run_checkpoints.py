@@ -61,7 +61,9 @@ class RunCheckpoints:
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-process runs: whether every process is to stop and save at `step` (JAX's
-        preemption sync point, agreed between the processes)."""
+        preemption sync point, agreed between the processes after a SIGTERM to any of them). True
+        only at exactly that step, so to be asked at every step; always False in a single process
+        or with `jax_enable_preemption_service` off."""
         return self.manager.reached_preemption(step)
 
     def wait(self):
