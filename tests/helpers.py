@@ -178,6 +178,27 @@ def assert_close(actual, desired, rtol=OUT_RTOL, atol=OUT_ATOL):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(desired), rtol=rtol, atol=atol)
 
 
+def assert_close_per_tensor(actual, desired, rtol: float, atol: float = 0.0) -> float:
+    """Asserts max |actual - desired| <= rtol x max |desired| + atol for every tensor (leaf) of two
+    trees of the same structure: each bound scales with its own tensor, so one wrong tensor fails
+    however small it is next to the others. Returns the largest difference / bound."""
+    assert jax.tree.structure(actual) == jax.tree.structure(desired)
+    ratios = {}
+    for (path, a), d in zip(jax.tree_util.tree_leaves_with_path(actual),
+                            jax.tree.leaves(desired)):
+        a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+        difference = np.max(np.abs(a - d), initial=0.0)
+        bound = rtol * np.max(np.abs(d), initial=0.0) + atol
+        ratios[jax.tree_util.keystr(path)] = difference / bound if bound else (
+                0.0 if difference == 0 else np.inf)
+    failures = sorted(((ratio, name) for name, ratio in ratios.items() if not ratio <= 1),
+                      reverse=True)  # `not <=`: NaN fails too
+    assert not failures, (f'{len(failures)} tensors past rtol {rtol:g} + atol {atol:g}, '
+                          'difference / bound: '
+                          + ', '.join(f'{name} {ratio:.3g}' for ratio, name in failures[:5]))
+    return max(ratios.values(), default=0.0)
+
+
 def tf_same_pad(x_nchw, k, stride):
     """TensorFlow SAME padding done explicitly: total = max((ceil(n/s) - 1) s + k - n, 0),
     split with the extra pixel at the bottom/right."""
