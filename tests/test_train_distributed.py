@@ -307,6 +307,7 @@ def test_run_saved_on_8_devices_resumes_on_1(tmp_path, digits, uninterrupted):
     # Not bitwise: 8 devices sum BN statistics and gradients in another order, and a randomly
     # initialised net early in training amplifies that rounding some 2x per step (measured in a
     # run of 16 steps on 8 vs 1 device throughout, params per tensor: 2e-5 of its largest value
-    # after 2 steps, 3e-4 after 8, 4e-2 after 16), hence a run of 8 steps. Measured here per tensor: 5.6e-4 (momentum), 1.3e-4
-    # (BN statistics), 1e-4 (params), 8e-5 (EMA); a wrong tensor differs by ~1 of its own scale.
+    # after 2 steps, 3e-4 after 8, 4e-2 after 16), hence a run of 8 steps. Measured here per
+    # tensor: 5.6e-4 (momentum), 1.3e-4 (BN statistics), 1e-4 (params), 8e-5 (EMA); a wrong
+    # tensor differs by ~1 of its own scale.
     assert_close_per_tensor(final_state(tmp_path), final_state(uninterrupted), 3e-3, NOISE_ATOL)
