@@ -1,6 +1,7 @@
-"""Specification of the documentation: a short README that opens with the two commands, links
-that resolve inside the repository, no reference to files outside it, and docs/equivalence.md
-generated from a test run by scripts/equivalence_report.py."""
+"""Specification of the documentation and of what every file of the repository keeps to: a short
+README that opens with the two commands, links that resolve inside the repository, no reference
+to files outside it, no checkpoint loaded in a way that could run pickled code, and
+docs/equivalence.md generated from a test run by scripts/equivalence_report.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,6 +17,8 @@ MARKDOWN = [README, *sorted((ROOT / 'docs').glob('*.md'))]
 LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 # Spelled in two parts so that this file does not match itself.
 OUTSIDE_REFERENCES = ('REFERENCE' + '.md', '..' + '/shared')
+UNSAFE_LOAD = 'weights_only=' + 'False'
+TORCH_LOAD = re.compile(r'torch\.load\(([^()]|\([^()]*\))*\)')  # one level of nested parentheses
 
 
 def repository_files(*suffixes: str) -> list[Path]:
@@ -70,6 +73,17 @@ def test_no_file_refers_to_files_outside_the_repository():
     offenders = [f'{path.relative_to(ROOT)}: {reference}'
                  for path in repository_files('.py', '.md', '.sh', '.ipynb', '.toml')
                  for reference in OUTSIDE_REFERENCES if reference in path.read_text('utf-8')]
+    assert not offenders
+
+
+def test_every_torch_load_refuses_pickled_code():
+    offenders = []
+    for path in repository_files('.py', '.md', '.sh', '.ipynb'):
+        text = path.read_text('utf-8')
+        unsafe = [UNSAFE_LOAD] if UNSAFE_LOAD in text else []
+        unsafe += [call.group(0) for call in TORCH_LOAD.finditer(text)
+                   if 'weights_only=True' not in call.group(0)]
+        offenders += [f'{path.relative_to(ROOT)}: {text}' for text in unsafe]
     assert not offenders
 
 
