@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from effnetv2_jax.configs import VARIANTS, Stage, Variant
-from effnetv2_jax.model import abstract_variables, create_model
+from effnetv2_jax.checkpoint import variable_leaves
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
 
@@ -329,13 +329,11 @@ def flax_to_torch_array(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 
 def torch_shapes(variant: Variant, layout: Layout, num_classes: int) -> dict[str, tuple[int, ...]]:
     """The state_dict shapes (without num_batches_tracked) the Flax model implies, in order."""
-    abstract = abstract_variables(create_model(variant.name, num_classes))
+    leaves = variable_leaves(variant.name, num_classes)
     shapes = {}
     for e in entries(variant, layout, with_classifier=num_classes > 0):
-        leaf = abstract[e.collection]
-        for name in e.flax_path:
-            leaf = leaf[name]
-        shapes[e.torch_key] = flax_to_torch_array(np.empty(leaf.shape, np.uint8), e.axes).shape
+        shape, _ = leaves['/'.join((e.collection, *e.flax_path))]
+        shapes[e.torch_key] = flax_to_torch_array(np.empty(shape, np.uint8), e.axes).shape
     return shapes
 
 

@@ -95,10 +95,11 @@ def check_metadata(metadata) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_leaves(variant: str, num_classes: int, padding: str,
-                     bn_eps: float) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    model = create_model(variant, num_classes=num_classes, padding=padding, bn_eps=bn_eps)
-    tree = abstract_variables(model)
+def variable_leaves(variant: str, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{'params/stem/conv/kernel': (shape, dtype), ...}: every leaf of the variables of
+    `create_model(variant, num_classes)` (padding and BN eps change no shape). Cached: tracing the
+    model takes about a second."""
+    tree = abstract_variables(create_model(variant, num_classes=num_classes))
     return {k: (a.shape, np.dtype(a.dtype)) for k, a in
             traverse_util.flatten_dict({c: tree[c] for c in COLLECTIONS}, sep='/').items()}
 
@@ -108,7 +109,7 @@ def check_variables(variables, metadata: dict[str, Any]) -> None:
     `{'params', 'batch_stats'}` tree of the model `metadata` describes: same leaves, shapes and
     dtypes."""
     check_metadata(metadata)
-    expected = _expected_leaves(*(metadata[k] for k in MODEL_KEYS))
+    expected = variable_leaves(metadata['variant'], metadata['num_classes'])
     if not isinstance(variables, dict) or not all(
             isinstance(variables.get(c), dict) for c in COLLECTIONS):
         raise ValueError(f'the variables are not a {{{", ".join(COLLECTIONS)}}} tree')
