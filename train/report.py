@@ -29,13 +29,16 @@ def _is_metrics_log(path: Path) -> bool:
 
 
 def _is_png(path: Path) -> bool:
-    with open(path, 'rb') as f:
-        return f.read(8) == b'\x89PNG\r\n\x1a\n'
+    try:
+        with open(path, 'rb') as f:
+            return f.read(8) == b'\x89PNG\r\n\x1a\n'
+    except OSError:
+        return False
 
 
 # What a run writes into its workdir besides checkpoints, and how a rerun recognises its own.
 WORKDIR_OUTPUTS = {METRICS_FILE: OutputKind('a metrics log of python -m train', _is_metrics_log),
-                   PLOT_FILE: OutputKind('a PNG image', lambda p: p.is_file() and _is_png(p))}
+                   PLOT_FILE: OutputKind('a PNG image', _is_png)}
 
 
 class Reporter:
