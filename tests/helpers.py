@@ -28,6 +28,24 @@ def convert(torch_model: torch.nn.Module, directory, *flags: str, name: str = 'c
     return effnetv2_jax.checkpoint.build_model(metadata), variables, metadata
 
 
+SMALL_METADATA = {'variant': 'b0', 'num_classes': 3, 'padding': 'symmetric', 'bn_eps': 1e-3}
+
+
+def snapshot(folder) -> dict[str, bytes | None]:
+    """Every path under `folder` (relative to it) with its content (None for a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob('*'))}
+
+
+def assert_one_line_error(err: str) -> str:
+    """Asserts that `err` (stderr) is one line `error: ...` and no traceback; returns it."""
+    assert 'Traceback' not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f'expected one line on stderr, got:\n{err}'
+    assert lines[0].startswith('error: ')
+    return lines[0]
+
+
 def write_unchecked_weights(path, variables, metadata):
     """Writes a msgpack weights file as `effnetv2_jax.save` lays it out, without its checks:
     for files whose variables and metadata disagree."""

@@ -11,19 +11,13 @@ import pytest
 
 import effnetv2_jax
 from effnetv2_jax import checkpoint
-from helpers import random_variables, write_unchecked_weights
-
-METADATA = {'variant': 'b0', 'num_classes': 3, 'padding': 'symmetric', 'bn_eps': 1e-3}
+from helpers import SMALL_METADATA, write_unchecked_weights
 
 
-@pytest.fixture(scope='module')
-def variables():
-    model = effnetv2_jax.create_model('b0', num_classes=3)
-    return jax.device_get(random_variables(model, np.zeros((1, 32, 32, 3), np.float32)))
 
 
-def changed(variables, change):
-    tree = copy.deepcopy(jax.tree.map(np.asarray, variables))
+def changed(small_variables, change):
+    tree = copy.deepcopy(jax.tree.map(np.asarray, small_variables))
     change(tree)
     return tree
 
@@ -51,9 +45,10 @@ def float64_mean(v):
     (reshape_head, 'params/classifier/kernel is float32[1280, 10], expected float32[1280, 3]'),
     (float64_mean, 'batch_stats/stem/bn/mean is float64[32], expected float32[32]'),
 ], ids=['missing', 'unexpected', 'shape', 'dtype'])
-def test_read_names_the_leaf_that_does_not_fit_the_model(tmp_path, variables, change, message):
+def test_read_names_the_leaf_that_does_not_fit_the_model(tmp_path, small_variables, change,
+                                                         message):
     path = tmp_path / 'w.msgpack'
-    write_unchecked_weights(path, changed(variables, change), METADATA)
+    write_unchecked_weights(path, changed(small_variables, change), SMALL_METADATA)
     with pytest.raises(ValueError, match='not a valid effnetv2-jax weights file') as error:
         checkpoint.read(path)
     assert message in str(error.value)
@@ -76,25 +71,26 @@ def test_read_names_the_leaf_that_does_not_fit_the_model(tmp_path, variables, ch
     ({'class_names': ['a', 'b']}, 'class_names is not a list of 3 names'),
 ], ids=['unknown-variant', 'variant-number', 'negative-classes', 'bool-classes', 'padding',
         'eps-0', 'eps-text', 'preprocessing-list', 'preprocessing-size', 'class-names'])
-def test_read_refuses_invalid_metadata(tmp_path, variables, change, message):
+def test_read_refuses_invalid_metadata(tmp_path, small_variables, change, message):
     path = tmp_path / 'w.msgpack'
-    write_unchecked_weights(path, variables, {**METADATA, **change})
+    write_unchecked_weights(path, small_variables, {**SMALL_METADATA, **change})
     with pytest.raises(ValueError, match='not a valid effnetv2-jax weights file') as error:
         checkpoint.read(path)
     assert message in str(error.value)
 
 
-def test_read_refuses_metadata_of_another_class_count_than_the_head(tmp_path, variables):
+def test_read_refuses_metadata_of_another_class_count_than_the_head(tmp_path, small_variables):
     path = tmp_path / 'w.msgpack'
-    write_unchecked_weights(path, variables, {**METADATA, 'num_classes': 1000})
+    write_unchecked_weights(path, small_variables, {**SMALL_METADATA, 'num_classes': 1000})
     with pytest.raises(ValueError, match=r'params/classifier/kernel is float32\[1280, 3\], '
                                          r'expected float32\[1280, 1000\]'):
         checkpoint.read(path)
 
 
-def test_save_refuses_variables_that_do_not_fit_the_metadata(tmp_path, variables):
+def test_save_refuses_variables_that_do_not_fit_the_metadata(tmp_path, small_variables):
     with pytest.raises(ValueError, match='missing params/stem/bn/bias'):
-        effnetv2_jax.save(tmp_path / 'w.msgpack', changed(variables, drop_stem_bias), METADATA)
+        effnetv2_jax.save(tmp_path / 'w.msgpack', changed(small_variables, drop_stem_bias),
+                          SMALL_METADATA)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,8 +99,8 @@ def test_a_missing_file_is_file_not_found(tmp_path):
         checkpoint.read(tmp_path / 'absent.msgpack')
 
 
-def test_an_orbax_folder_without_metadata_is_not_valid(tmp_path, variables):
-    effnetv2_jax.save(tmp_path / 'w.orbax', variables, METADATA, fmt='orbax')
+def test_an_orbax_folder_without_metadata_is_not_valid(tmp_path, small_variables):
+    effnetv2_jax.save(tmp_path / 'w.orbax', small_variables, SMALL_METADATA, fmt='orbax')
     (tmp_path / 'w.orbax' / 'metadata.json').unlink()
     with pytest.raises(ValueError, match='not a valid effnetv2-jax weights file'):
         checkpoint.read(tmp_path / 'w.orbax')

@@ -34,6 +34,7 @@ from convert.torch_reference import randomize_
 from convert import layouts, torch_reference
 from convert.__main__ import main
 from effnetv2_jax import checkpoint
+from helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -74,14 +75,6 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 def files_under(folder: Path) -> set[Path]:
     return {p.relative_to(folder) for p in folder.rglob('*')}
-
-
-def assert_one_line_error(err: str) -> str:
-    assert 'Traceback' not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, f'expected one line on stderr, got:\n{err}'
-    assert lines[0].startswith('error: ')
-    return lines[0]
 
 
 def assert_rejected(capsys, path: Path, *args, mentions: tuple[str, ...] = ()) -> str:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import effnetv2_jax
 from convert import converter, torch_io, torch_reference
 from convert.__main__ import main as convert_main
+from helpers import assert_one_line_error
 
 EXAMPLES = 200  # per direction; measured 0.5 s (checkpoints), 0.3 s (weights) each, 2 cores
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -66,7 +67,7 @@ def run_convert(capsys, *argv) -> tuple[int, str]:
 
 def assert_refused_cleanly(status: int, err: str, folder: Path, inputs: set[str]):
     assert status == BAD, err
-    assert err.startswith('error: ') and err.count('\n') == 1, err
+    assert_one_line_error(err)
     assert {p.name for p in folder.iterdir()} == inputs, 'a refused run must write nothing'
 
 

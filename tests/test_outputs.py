@@ -20,23 +20,11 @@ import effnetv2_jax
 from convert import torch_io
 from effnetv2_jax import checkpoint
 from effnetv2_jax.files import OutputError, OutputKind, atomic_write, check_output
-from helpers import random_variables
+from helpers import SMALL_METADATA, assert_one_line_error, snapshot
 
-METADATA = {'variant': 'b0', 'num_classes': 3, 'padding': 'symmetric', 'bn_eps': 1e-3}
 ANY_FILE = OutputKind('a test file', lambda path: path.is_file())
 ANY_FOLDER = OutputKind('a test folder', lambda path: path.is_dir(), directory=True)
 
-
-@pytest.fixture(scope='module')
-def variables():
-    model = effnetv2_jax.create_model('b0', num_classes=3)
-    return jax.device_get(random_variables(model, np.zeros((1, 32, 32, 3), np.float32)))
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every path under `folder` with its content (None for folders)."""
-    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
-            for p in sorted(folder.rglob('*'))}
 
 
 def leaves_equal(a, b) -> bool:
@@ -44,51 +32,51 @@ def leaves_equal(a, b) -> bool:
 
 
 @pytest.mark.parametrize('fmt', ['msgpack', 'orbax'])
-def test_saving_again_replaces_a_weights_file_of_the_same_format(tmp_path, variables, fmt):
+def test_saving_again_replaces_a_weights_file_of_the_same_format(tmp_path, small_variables, fmt):
     path = tmp_path / 'w'
-    effnetv2_jax.save(path, variables, METADATA, fmt=fmt)
-    changed = jax.tree.map(lambda x: x + 1, variables)
-    effnetv2_jax.save(path, changed, METADATA, fmt=fmt)
+    effnetv2_jax.save(path, small_variables, SMALL_METADATA, fmt=fmt)
+    changed = jax.tree.map(lambda x: x + 1, small_variables)
+    effnetv2_jax.save(path, changed, SMALL_METADATA, fmt=fmt)
     assert leaves_equal(checkpoint.read(path)[0], changed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['w']  # no temporary, no old copy
 
 
 @pytest.mark.parametrize('fmt, other', [('msgpack', 'orbax'), ('orbax', 'msgpack')])
-def test_a_weights_file_of_the_other_format_is_not_replaced(tmp_path, variables, fmt, other):
+def test_a_weights_file_of_the_other_format_is_not_replaced(tmp_path, small_variables, fmt, other):
     path = tmp_path / 'w'
-    effnetv2_jax.save(path, variables, METADATA, fmt=other)
+    effnetv2_jax.save(path, small_variables, SMALL_METADATA, fmt=other)
     before = snapshot(tmp_path)
     with pytest.raises(OutputError, match='exists and is not an effnetv2-jax'):
-        effnetv2_jax.save(path, variables, METADATA, fmt=fmt)
+        effnetv2_jax.save(path, small_variables, SMALL_METADATA, fmt=fmt)
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize('fmt', ['msgpack', 'orbax'])
-def test_a_users_file_or_folder_is_never_replaced(tmp_path, variables, fmt):
+def test_a_users_file_or_folder_is_never_replaced(tmp_path, small_variables, fmt):
     (tmp_path / 'notes.txt').write_text('my notes')
     (tmp_path / 'photos').mkdir()
     (tmp_path / 'photos' / 'cat.jpg').write_bytes(b'\xff\xd8 a cat')
     before = snapshot(tmp_path)
     for taken in ('notes.txt', 'photos'):
         with pytest.raises(OutputError, match=f'{taken} exists and is not'):
-            effnetv2_jax.save(tmp_path / taken, variables, METADATA, fmt=fmt)
+            effnetv2_jax.save(tmp_path / taken, small_variables, SMALL_METADATA, fmt=fmt)
     assert snapshot(tmp_path) == before
 
 
-def test_an_orbax_folder_holding_another_file_is_not_replaced(tmp_path, variables):
+def test_an_orbax_folder_holding_another_file_is_not_replaced(tmp_path, small_variables):
     path = tmp_path / 'w.orbax'
-    effnetv2_jax.save(path, variables, METADATA, fmt='orbax')
+    effnetv2_jax.save(path, small_variables, SMALL_METADATA, fmt='orbax')
     (path / 'README').write_text('my description of these weights')
     before = snapshot(tmp_path)
     with pytest.raises(OutputError, match='not an effnetv2-jax Orbax weights folder'):
-        effnetv2_jax.save(path, variables, METADATA, fmt='orbax')
+        effnetv2_jax.save(path, small_variables, SMALL_METADATA, fmt='orbax')
     assert snapshot(tmp_path) == before
 
 
-def test_an_empty_folder_may_become_an_orbax_output(tmp_path, variables):
+def test_an_empty_folder_may_become_an_orbax_output(tmp_path, small_variables):
     (tmp_path / 'w.orbax').mkdir()
-    effnetv2_jax.save(tmp_path / 'w.orbax', variables, METADATA, fmt='orbax')
-    assert leaves_equal(checkpoint.read(tmp_path / 'w.orbax')[0], variables)
+    effnetv2_jax.save(tmp_path / 'w.orbax', small_variables, SMALL_METADATA, fmt='orbax')
+    assert leaves_equal(checkpoint.read(tmp_path / 'w.orbax')[0], small_variables)
 
 
 def test_the_input_a_folder_containing_it_and_a_path_inside_it_are_refused(tmp_path):
@@ -182,7 +170,8 @@ def test_training_refuses_a_workdir_whose_model_msgpack_is_not_ours(tmp_path, ca
     (tmp_path / 'model.msgpack').write_text('my own file')
     rc = main(['--workdir', str(tmp_path), '--epochs', '1'])
     err = capsys.readouterr().err
-    assert (rc, err.count('\n')) == (2, 1), err
-    assert 'model.msgpack exists and is not an effnetv2-jax weights file' in err
+    assert rc == 2, err
+    line = assert_one_line_error(err)
+    assert 'model.msgpack exists and is not an effnetv2-jax weights file' in line
     assert (tmp_path / 'model.msgpack').read_text() == 'my own file'
     assert os.listdir(tmp_path) == ['model.msgpack']

@@ -20,7 +20,7 @@ import pytest
 import effnetv2_jax
 from convert import torch_reference
 from effnetv2_jax.model import abstract_variables
-from helpers import convert
+from helpers import assert_one_line_error, convert, snapshot
 from train import input_pipeline, trainer
 from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
@@ -37,11 +37,10 @@ def read_metrics(workdir):
     return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def assert_one_line_error(capsys, message: str):
+def assert_fails_with(capsys, message: str):
     """stderr is one line `error: ...` holding `message`, and nothing went to stdout."""
     captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.startswith('error: ') and message in err and '\n' not in err, err
+    assert message in assert_one_line_error(captured.err)
     assert captured.out == ''
 
 
@@ -50,11 +49,6 @@ def copy_digits(digits: str, split: str, digit: str, folder: Path, count: int):
     folder.mkdir(parents=True, exist_ok=True)
     for png in sorted((Path(digits) / split / digit).glob('*.png'))[:count]:
         (folder / png.name).write_bytes(png.read_bytes())
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under `root` with its content (None for a folder)."""
-    return {str(p): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob('*'))}
 
 
 @pytest.mark.parametrize('preset, sizes, randaug, mixup', [
@@ -98,7 +92,7 @@ def test_command_line_flags_override_the_preset():
 ])
 def test_configuration_mistake_is_a_one_line_error(capsys, args, message):
     assert train_main(args) == 2
-    assert_one_line_error(capsys, message)
+    assert_fails_with(capsys, message)
 
 
 def test_step_config_holds_what_the_step_reads_of_the_config_and_stage():
@@ -333,7 +327,7 @@ def test_eval_only_without_a_readable_image_is_a_one_line_error(tmp_path, answer
     (data / 'a' / 'broken.png').write_bytes(b'not an image')
     (data / 'a' / 'empty.jpg').write_bytes(b'')
     assert train_main(['--eval-only', '--init', str(answers_a), '--data-dir', str(data)]) == 2
-    assert_one_line_error(capsys, f'none of the 2 images in {data} can be read')
+    assert_fails_with(capsys, f'none of the 2 images in {data} can be read')
 
 
 @pytest.mark.parametrize('split', ['train', 'val'])
@@ -346,7 +340,7 @@ def test_training_without_a_readable_image_in_a_split_writes_nothing(
         png.write_bytes(b'')
     workdir = tmp_path / 'run'
     assert train_main(['--data-dir', str(data), '--workdir', str(workdir)]) == 2
-    assert_one_line_error(capsys, f'none of the 2 images in {data / split} can be read')
+    assert_fails_with(capsys, f'none of the 2 images in {data / split} can be read')
     assert not workdir.exists()
 
 
@@ -386,7 +380,7 @@ def test_bfloat16_training_keeps_float32_parameters_and_statistics(tmp_path, dig
 def test_bad_data_folder_is_a_one_line_error(tmp_path, capsys, make, message):
     assert train_main(['--data-dir', str(make(tmp_path)), '--workdir',
                        str(tmp_path / 'run')]) == 2
-    assert_one_line_error(capsys, message)
+    assert_fails_with(capsys, message)
 
 
 def workdir_is_a_file(tmp_path, digits, weights):
@@ -432,7 +426,7 @@ def test_user_mistake_is_a_one_line_error_and_writes_nothing(
     args = mistake(tmp_path, digits, answers_a)
     before = snapshot(tmp_path)
     assert train_main(args) == 2
-    assert_one_line_error(capsys, message)
+    assert_fails_with(capsys, message)
     assert snapshot(tmp_path) == before
 
 
@@ -441,7 +435,7 @@ def test_user_mistake_is_a_one_line_error_and_writes_nothing(
 def test_tensorboard_without_tensorboardx_is_a_one_line_error(tmp_path, digits, capsys):
     assert train_main(['--data-dir', digits, '--workdir', str(tmp_path / 'run'),
                        '--tensorboard']) == 2
-    assert_one_line_error(capsys, '--tensorboard needs `pip install tensorboardX`')
+    assert_fails_with(capsys, '--tensorboard needs `pip install tensorboardX`')
 
 
 def test_read_only_workdir_is_a_one_line_error(tmp_path, digits, capsys, monkeypatch):
@@ -451,5 +445,5 @@ def test_read_only_workdir_is_a_one_line_error(tmp_path, digits, capsys, monkeyp
     monkeypatch.setattr(os, 'access', lambda path, mode: False if Path(path) == workdir
                         else real_access(path, mode))
     assert train_main(['--data-dir', digits, '--workdir', str(workdir)]) == 2
-    assert_one_line_error(capsys, 'is not writable')
+    assert_fails_with(capsys, 'is not writable')
     assert list(workdir.iterdir()) == []
