@@ -114,15 +114,20 @@ def read_state_dict(path: str | os.PathLike, ema: bool = False) -> tuple[dict[st
         raise CheckpointError(f'{path}: --ema given but the file holds a bare state_dict')
     if not _is_state_dict(obj):
         raise CheckpointError(f'{path}: holds a {type(obj).__name__}, not a state_dict')
-    state_dict = {}
-    for key, tensor in obj.items():
+    return to_numpy(obj), where
+
+
+def to_numpy(state_dict) -> dict[str, np.ndarray]:
+    """A torch state_dict as float32 numpy arrays, without `num_batches_tracked` and without the
+    `module.` / `_orig_mod.` prefixes of DataParallel, DDP and torch.compile."""
+    out = {}
+    for key, tensor in state_dict.items():
         for prefix in STRIP_PREFIXES:
             while key.startswith(prefix):
                 key = key[len(prefix):]
-        if key.endswith('num_batches_tracked'):
-            continue
-        state_dict[key] = tensor.detach().float().cpu().numpy()
-    return state_dict, where
+        if not key.endswith('num_batches_tracked'):
+            out[key] = tensor.detach().float().cpu().numpy()
+    return out
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray]):

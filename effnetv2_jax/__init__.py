@@ -10,6 +10,15 @@ from effnetv2_jax.transforms import preprocess
 __all__ = [
     'BatchNorm', 'ConvBNAct', 'DropPath', 'EfficientNetV2', 'FusedMBConv', 'MBConv', 'Prediction',
     'Predictor', 'Stage', 'SqueezeExcite', 'VARIANTS', 'Variant', 'create_model',
-    'enable_compilation_cache', 'get_variant', 'list_models', 'load', 'preprocess', 'save',
+    'enable_compilation_cache', 'get_variant', 'list_models', 'load', 'preprocess',
+    'push_to_hub', 'save', 'save_pretrained',
 ]
 __version__ = '0.1.0'
+
+
+def __getattr__(name):
+    # The Hub writers live with the converter (they map to timm's layout); imported on first use.
+    if name in ('save_pretrained', 'push_to_hub'):
+        from convert import hub
+        return getattr(hub, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -28,6 +28,8 @@ from effnetv2_jax.transforms import SPEC_KEYS, check_spec
 FORMAT_VERSION = 1
 MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
 COLLECTIONS = ('params', 'batch_stats')
+# Pretrained names that `read` and `load` take besides paths (convert/pretrained.py resolves them).
+PRETRAINED_SCHEMES = ('hf-hub:', 'torchvision:', 'local-dir:')
 
 
 def _is_msgpack_weights(path: Path) -> bool:
@@ -157,10 +159,16 @@ def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str 
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
-    """Returns `(variables, metadata)` of a file `save` wrote, as numpy arrays.
+    """Returns `(variables, metadata)` of a file `save` wrote, as numpy arrays, or of a
+    pretrained name (`PRETRAINED_SCHEMES`: 'hf-hub:timm/tf_efficientnetv2_s.in1k',
+    'torchvision:efficientnet_v2_s', 'local-dir:FOLDER'; converted once, then cached).
 
     FileNotFoundError if `path` does not exist; ValueError (one line) if it is not such a file or
-    its variables do not fit the model its metadata describes (`check_variables`)."""
+    its variables do not fit the model its metadata describes (`check_variables`), or if a name
+    cannot be resolved."""
+    if str(path).startswith(PRETRAINED_SCHEMES):
+        from convert import pretrained  # the converter: timm's and torchvision's layouts
+        return pretrained.read(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f'{path}: no such file')
@@ -182,7 +190,8 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
 
 
 def load(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
-    """Loads converted weights: returns `(model, variables)` ready for `model.apply`.
+    """Loads converted weights, or pretrained ones by name (see `read`): returns
+    `(model, variables)` ready for `model.apply`.
 
     `overrides` go to `create_model` (e.g. `dtype=jnp.bfloat16`, `features_only=True`,
     `num_classes=0` for pooled features: the classifier's variables are then unused).

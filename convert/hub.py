@@ -1,0 +1,238 @@
+"""EfficientNetV2 weights in timm's Hugging Face Hub format, both ways, without torch.
+
+timm's Hub repositories (and `timm.models._hub.save_for_hf`) hold two files: `model.safetensors`,
+a timm state_dict, and `config.json`: `architecture` (e.g. `tf_efficientnetv2_s`), `num_classes`,
+`model_args` (keyword arguments of the architecture), `pretrained_cfg` (the eval transform:
+input sizes, `crop_pct`, `crop_mode`, `interpolation`, `mean`, `std`) and, where the weights carry
+them, `label_names` and `label_descriptions`. `read_folder` turns such a folder into
+`(variables, metadata)`, `save_pretrained` writes one that `timm.create_model('local-dir:...')`
+loads, `push_to_hub` uploads it. numpy, safetensors and huggingface_hub only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert import converter, layouts
+from convert.torch_io import PRODUCER, CheckpointError
+from effnetv2_jax.cli import first_line
+from effnetv2_jax.configs import get_variant
+from effnetv2_jax.files import OutputKind, atomic_write
+from effnetv2_jax.transforms import IMAGENET_NORMALISATION, RESAMPLING
+
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
+# timm's BatchNorm eps for its tf_* architectures (ported from TensorFlow) and for the others.
+TIMM_BN_EPS = {'same': 1e-3, 'symmetric': 1e-5}
+# timm's defaults where a pretrained_cfg leaves a field out (timm.data.resolve_data_config).
+DEFAULT_SIZE, DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 224, 0.875, 'center'
+CROP_MODES = {'center': 'shorter', 'squash': 'squash'}  # timm's crop_mode -> our `resize`
+# model_args that leave the eval forward alone, with the value they must have (None: any).
+NEUTRAL_MODEL_ARGS = {'in_chans': 3, 'global_pool': 'avg', 'num_classes': None, 'drop_rate': None,
+                      'drop_path_rate': None}
+
+
+def architecture(config: dict) -> tuple[str, str, float]:
+    """(variant, padding, BN eps) of a timm config; ValueError (one line) for another model."""
+    name, args = config.get('architecture'), config.get('model_args') or {}
+    base = name.removeprefix('tf_') if isinstance(name, str) else ''
+    if not base.startswith('efficientnetv2_'):
+        raise ValueError(f'its architecture is {name!r}, not an EfficientNetV2 '
+                         "(timm's tf_efficientnetv2_* or efficientnetv2_*)")
+    try:
+        variant = get_variant(base).name
+    except ValueError:
+        raise ValueError(f'its architecture {name!r} is not one this package builds') from None
+    padding = 'same' if name.startswith('tf_') else 'symmetric'
+    if 'pad_type' in args:
+        padding = 'same' if args['pad_type'] == 'same' else 'symmetric'
+    unsupported = [f'{k}={v!r}' for k, v in args.items() if k not in ('pad_type', 'bn_eps') and (
+        k not in NEUTRAL_MODEL_ARGS or NEUTRAL_MODEL_ARGS[k] not in (None, v))]
+    if args.get('pad_type', '') not in ('', 'same') or unsupported:
+        raise ValueError(f'its model_args {", ".join(unsupported) or args["pad_type"]} change the '
+                         'architecture in a way this package does not build')
+    return variant, padding, float(args.get('bn_eps', TIMM_BN_EPS[padding]))
+
+
+def preprocessing(pretrained_cfg: dict) -> dict:
+    """The eval transform spec of a timm pretrained_cfg, as timm's `resolve_data_config(...,
+    use_test_size=True)` and `create_transform` resolve it (timm's validate.py evaluates so)."""
+    size = pretrained_cfg.get('test_input_size') or pretrained_cfg.get('input_size')
+    height, width = size[-2:] if size else (DEFAULT_SIZE, DEFAULT_SIZE)
+    crop_mode = pretrained_cfg.get('crop_mode') or DEFAULT_CROP_MODE
+    interpolation = pretrained_cfg.get('interpolation') or 'bicubic'
+    if height != width or crop_mode not in CROP_MODES or interpolation not in RESAMPLING:
+        raise ValueError(f'its eval transform ({height}x{width}, crop_mode {crop_mode!r}, '
+                         f'{interpolation}) is not one this package reproduces')
+    return {'size': int(height), 'resize': CROP_MODES[crop_mode],
+            'crop_pct': float(pretrained_cfg.get('test_crop_pct') or pretrained_cfg.get('crop_pct')
+                              or DEFAULT_CROP_PCT),
+            'interpolation': interpolation,
+            'mean': [float(v) for v in pretrained_cfg.get('mean') or IMAGENET_NORMALISATION['mean']],
+            'std': [float(v) for v in pretrained_cfg.get('std') or IMAGENET_NORMALISATION['std']]}
+
+
+def class_names(config: dict, num_classes: int) -> list[str] | None:
+    """Human-readable class names: `label_descriptions` of the `label_names` where given (e.g.
+    'tench, Tinca tinca' for 'n01440764'), else the names; None without one per class."""
+    pretrained_cfg = config.get('pretrained_cfg') or {}
+    names = config.get('label_names') or pretrained_cfg.get('label_names')
+    descriptions = config.get('label_descriptions') or pretrained_cfg.get('label_descriptions') or {}
+    if isinstance(names, dict):  # index -> name, where indices may have gaps
+        names = [names.get(str(i), names.get(i)) for i in range(num_classes)]
+    if not isinstance(names, list) or len(names) != num_classes or not all(
+            isinstance(n, str) for n in names):
+        return None
+    return [str(descriptions.get(n, n)) if isinstance(descriptions, dict) else n for n in names]
+
+
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors state_dict as float32 numpy arrays, without `num_batches_tracked` (bfloat16
+    and float16 files are read through JAX, which numpy alone cannot)."""
+    from safetensors import safe_open
+    state_dict = {}
+    with safe_open(str(path), 'flax') as f:
+        for key in f.keys():
+            if not key.endswith('num_batches_tracked'):
+                state_dict[key] = np.asarray(f.get_tensor(key), np.float32)
+    return state_dict
+
+
+def read_folder(folder: str | os.PathLike, source: str) -> tuple[dict, dict[str, Any]]:
+    """`(variables, metadata)` of a folder holding timm's `config.json` and `model.safetensors`;
+    `source` is recorded in the metadata. ValueError (one line) for anything else."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        variant, padding, bn_eps = architecture(config)
+        spec = preprocessing(config.get('pretrained_cfg') or {})
+        state_dict = read_state_dict(folder / WEIGHTS_NAME)
+        variables, metadata = converter.torch_to_flax(state_dict, 'timm', variant, padding, bn_eps)
+    except Exception as e:  # noqa: BLE001 - whatever fails to parse is the files' fault
+        raise ValueError(f"{source}: not an EfficientNetV2 in timm's format ({first_line(e)})"
+                         ) from None
+    if config.get('num_classes', metadata['num_classes']) != metadata['num_classes']:
+        raise ValueError(f"{source}: config.json says {config['num_classes']} classes, the "
+                         f"weights have {metadata['num_classes']}")
+    metadata.update(preprocessing=spec, source=source)
+    names = class_names(config, metadata['num_classes'])
+    if names:
+        metadata['class_names'] = names
+    return variables, metadata
+
+
+def config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The timm `config.json` of weights with this metadata: `read_folder` reads it back to the
+    same model, eval transform and class names, and so does timm."""
+    variant, padding, bn_eps = metadata['variant'], metadata['padding'], metadata['bn_eps']
+    # timm's tf_ architectures cover every variant; efficientnetv2_* only some, symmetric.
+    tf = padding == 'same' or variant not in layouts.TIMM.family('symmetric').variants
+    model_args = {'num_classes': metadata['num_classes']}
+    if padding != ('same' if tf else 'symmetric'):
+        model_args['pad_type'] = ''
+    if bn_eps != TIMM_BN_EPS['same' if tf else 'symmetric']:
+        model_args['bn_eps'] = bn_eps
+    spec = metadata.get('preprocessing') or layouts.TIMM.preprocessing(
+        get_variant(variant), padding, metadata['num_classes'])
+    out = {
+        'architecture': f'{"tf_" if tf else ""}efficientnetv2_{variant}',
+        'num_classes': metadata['num_classes'],
+        'num_features': get_variant(variant).head_channels,
+        'global_pool': 'avg',
+        'model_args': model_args,
+        'pretrained_cfg': {
+            'custom_load': False, 'input_size': [3, spec['size'], spec['size']],
+            'fixed_input_size': False, 'interpolation': spec['interpolation'],
+            'crop_pct': spec['crop_pct'],
+            'crop_mode': {v: k for k, v in CROP_MODES.items()}[spec['resize']],
+            'mean': spec['mean'], 'std': spec['std'], 'num_classes': metadata['num_classes'],
+            'first_conv': 'conv_stem', 'classifier': 'classifier'},
+    }
+    if metadata.get('class_names'):
+        out['label_names'] = metadata['class_names']
+    return out
+
+
+MODEL_CARD = """---
+library_name: timm
+tags:
+- image-classification
+- timm
+- effnetv2-jax
+---
+# EfficientNetV2-{variant} ({num_classes} classes)
+
+Written by effnetv2-jax's `save_pretrained` in timm's format: the same weights load in PyTorch
+with timm and in JAX with effnetv2-jax.
+
+```python
+import timm
+model = timm.create_model('hf-hub:REPO_ID', pretrained=True).eval()
+```
+
+```python
+import effnetv2_jax
+model, variables = effnetv2_jax.load('hf-hub:REPO_ID')
+```
+"""
+
+
+def _is_pretrained_folder(path: Path) -> bool:
+    """A folder `save_pretrained` wrote (or an empty one)."""
+    from safetensors import safe_open
+    if not path.is_dir() or not {p.name for p in path.iterdir()} <= {
+            CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}:
+        return False
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), 'np') as f:
+            return (f.metadata() or {}).get('producer') == PRODUCER['producer']
+    except Exception:  # noqa: BLE001 - unreadable: ours only if there is nothing to lose
+        return not any(path.iterdir())
+
+
+PRETRAINED_KIND = OutputKind('a folder written by effnetv2_jax.save_pretrained',
+                             _is_pretrained_folder, directory=True)
+
+
+def save_pretrained(variables, metadata: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Writes `directory` in timm's Hub format: `model.safetensors` (timm's state_dict keys),
+    `config.json` (`config`) and a model card; loadable by `timm.create_model('local-dir:' +
+    directory, pretrained=True)`, by `effnetv2_jax.load('local-dir:' + directory)`, and after
+    `push_to_hub` by their `hf-hub:` names. Atomic; replaces only a folder it wrote
+    (`files.OutputError` otherwise); ValueError if the variables do not fit the metadata."""
+    from safetensors.numpy import save_file
+    try:
+        state_dict = converter.flax_to_torch(variables, metadata, 'timm')
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    content = config(metadata)
+
+    def write(tmp: Path):
+        save_file(state_dict, tmp / WEIGHTS_NAME, metadata={'format': 'pt', **PRODUCER})
+        (tmp / CONFIG_NAME).write_text(json.dumps(content, indent=2))
+        (tmp / CARD_NAME).write_text(MODEL_CARD.format(
+            variant=metadata['variant'].upper(), num_classes=metadata['num_classes']))
+    atomic_write(directory, write, PRETRAINED_KIND)
+    return Path(directory)
+
+
+def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                token: str | None = None, commit_message: str = 'Upload EfficientNetV2 weights'
+                ) -> str:
+    """Uploads a `save_pretrained` folder to the Hub repository `repo_id` (created if missing;
+    `token`: default huggingface_hub's login or $HF_TOKEN). Returns the commit's URL."""
+    directory = Path(directory)
+    if not _is_pretrained_folder(directory) or not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f'{directory} is not a folder written by save_pretrained')
+    from huggingface_hub import CommitOperationAdd, HfApi
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    # The card names the repository; everything else goes up as it is.
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=(
+        p.read_bytes().replace(b'REPO_ID', repo_id.encode()) if p.name == CARD_NAME else str(p)))
+        for p in sorted(directory.iterdir())]
+    return api.create_commit(repo_id, operations=operations,
+                             commit_message=commit_message).commit_url
