@@ -1,4 +1,5 @@
-"""`python -m convert`: PyTorch EfficientNetV2 checkpoints to Flax, and back with --to-torch.
+"""`python -m convert`: PyTorch EfficientNetV2 checkpoints and pretrained names to Flax, back to
+PyTorch with --to-torch, or to timm's Hugging Face Hub format with --save-pretrained.
 
 Exit status: 0 done, 1 --verify found the outputs apart, 2 bad input or unusable output (one-line
 error, nothing written).
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from convert import converter, layouts, torch_io
+from convert import converter, hub, layouts, pretrained, torch_io
 from convert.torch_io import CheckpointError
 from effnetv2_jax import checkpoint, cli
 from effnetv2_jax.files import OutputKind, check_output
@@ -19,8 +20,12 @@ from effnetv2_jax.layers import PADDINGS
 EXAMPLES = """  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
   python -m convert ckpt.pth --ema --verify -o s_ema.msgpack
   python -m convert tf_efficientnetv2_b0.safetensors --format orbax
+  python -m convert hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k    # -> tf_efficientnetv2_s.in21k_ft_in1k.msgpack
   python -m convert --to-torch weights.msgpack --layout wzmiaomiao -o model.pth
+  python -m convert runs/flowers/model.msgpack --save-pretrained flowers --push-to-hub me/flowers
 """
+# Flags that describe how to read a PyTorch checkpoint: meaningless for Flax weights and names.
+TORCH_INPUT_FLAGS = ('variant', 'padding', 'bn_eps', 'ema')
 
 
 def layout_name(name: str) -> str:
@@ -34,9 +39,12 @@ def layout_name(name: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.parser('convert', 'Convert EfficientNetV2 weights between PyTorch (WZMIAOMIAO '
                    'model.py, torchvision, timm) and Flax (effnetv2_jax).', EXAMPLES)
-    p.add_argument('input', type=Path, help='.pth/.pt/.bin/.safetensors (or, with --to-torch, '
-                   'a file written by this converter)')
-    p.add_argument('-o', '--output', type=Path, help='output path (default: beside the input)')
+    p.add_argument('input', type=cli.weights_source, help='.pth/.pt/.bin/.safetensors, a Flax weights file '
+                   'this converter or python -m train wrote, or a pretrained name: '
+                   'hf-hub:OWNER/REPO[@REVISION], torchvision:efficientnet_v2_s[:WEIGHTS], '
+                   'local-dir:FOLDER')
+    p.add_argument('-o', '--output', type=Path, help='output path (default: beside the input; '
+                   'for a name, its last part in the current folder)')
     p.add_argument('--to-torch', action='store_true', help='convert Flax weights to a PyTorch '
                    'state_dict in --layout (.safetensors by suffix, else torch.save)')
     p.add_argument('--layout', type=layout_name, metavar='{' + ','.join(layouts.NAMES) + '}',
@@ -50,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--ema', action='store_true', help='take the EMA weights of the checkpoint')
     p.add_argument('--format', choices=('msgpack', 'orbax'), default='msgpack',
                    help='Flax msgpack file (default) or an Orbax checkpoint directory')
+    p.add_argument('--save-pretrained', type=Path, metavar='DIR', help="write DIR in timm's "
+                   'Hugging Face Hub format instead (model.safetensors, config.json with the eval '
+                   'transform and class names): timm.create_model("local-dir:DIR") loads it')
+    p.add_argument('--push-to-hub', metavar='REPO_ID', help='with --save-pretrained: upload DIR '
+                   'to this Hub repository (created if missing; log in with hf auth login)')
     p.add_argument('--allow-nonfinite', action='store_true', help='convert weights that hold NaN '
                    'or Inf (refused by default: exit 2)')
     p.add_argument('--verify', action='store_true', help='run the PyTorch and the Flax model on '
@@ -61,13 +74,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.to_torch and args.layout is None:
         p.error(f'--to-torch needs --layout {"|".join(layouts.NAMES)}')
+    if args.save_pretrained and (args.to_torch or args.output):
+        p.error('--save-pretrained DIR is the output: it goes with neither --to-torch nor -o')
+    if args.push_to_hub and not args.save_pretrained:
+        p.error('--push-to-hub needs --save-pretrained DIR')
+    if is_flax_input(args):
+        given = [f'--{k.replace("_", "-")}' for k in TORCH_INPUT_FLAGS if getattr(args, k)]
+        given += ['--layout'] if args.layout and not args.to_torch else []
+        if given:
+            p.error(f'{", ".join(given)} read PyTorch checkpoints; {args.input} holds converted '
+                    'weights')
     return args
 
 
+def is_flax_input(args) -> bool:
+    """Whether the input is converted weights (a name, or a file this package wrote), not a
+    PyTorch checkpoint."""
+    return args.to_torch or isinstance(args.input, str) or any(
+        kind.recognise(args.input) for kind in checkpoint.OUTPUT_KINDS.values())
+
+
 def default_output(args) -> Path:
-    if args.to_torch:
-        return args.input.with_suffix('.pth')
-    return args.input.with_suffix('.orbax' if args.format == 'orbax' else '.msgpack')
+    suffix = '.pth' if args.to_torch else '.orbax' if args.format == 'orbax' else '.msgpack'
+    if isinstance(args.input, str):
+        return Path(pretrained.default_stem(args.input) + suffix)
+    return args.input.with_suffix(suffix)
 
 
 def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, tolerance) -> bool:
@@ -84,25 +115,39 @@ def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, to
     return ok
 
 
+def direction(args) -> str:
+    """'PyTorch -> Flax' and the like, for the summary line."""
+    source = 'PyTorch' if isinstance(args.input, str) or not is_flax_input(args) else 'Flax'
+    target = ('PyTorch' if args.to_torch else "timm's Hub format" if args.save_pretrained
+              else 'Flax')
+    return f'{source} -> {target}'
+
+
 def output_kind(args) -> OutputKind:
+    if args.save_pretrained:
+        return hub.PRETRAINED_KIND
     return torch_io.EXPORT_KIND if args.to_torch else checkpoint.OUTPUT_KINDS[args.format]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    output = args.output or default_output(args)
+    output = args.save_pretrained or args.output or default_output(args)
     try:
-        check_output(output, output_kind(args), inputs=[args.input])
-        if args.to_torch:
+        check_output(output, output_kind(args),
+                     inputs=[] if isinstance(args.input, str) else [args.input])
+        if is_flax_input(args):
             try:
                 variables, metadata = checkpoint.read(args.input)
             except (OSError, ValueError) as e:
                 raise CheckpointError(cli.first_line(e)) from None
-            layout, where = layouts.get_layout(args.layout), 'Flax weights'
+            # The PyTorch side of these weights: the --to-torch target, timm's for the Hub format.
+            layout = layouts.get_layout(args.layout if args.to_torch else 'timm' if (
+                args.save_pretrained) else metadata.get('source_layout', 'timm'))
+            where = metadata.get('source', 'Flax weights')
             state_dict = converter.flax_to_torch(variables, metadata, layout.name)
             family = layout.family(metadata['padding'])
-            if family.padding != metadata['padding']:
+            if args.to_torch and family.padding != metadata['padding']:
                 print(f"warning: these weights expect {metadata['padding']!r} padding; "
                       f"{layout.name}'s models pad {family.padding!r}, so their outputs will "
                       'differ')
@@ -118,18 +163,24 @@ def main(argv=None) -> int:
             return cli.fail('verification failed; nothing written', cli.EXIT_MISMATCH)
         if args.to_torch:
             torch_io.write_state_dict(output, state_dict)
+        elif args.save_pretrained:
+            hub.save_pretrained(variables, metadata, output)
         else:
             checkpoint.save(output, variables, metadata, fmt=args.format)
-    except (CheckpointError, OSError) as e:  # bad input; unusable or unwritable output
+    except (CheckpointError, OSError, ValueError) as e:  # bad input; unusable or unwritable output
         return cli.fail(cli.first_line(e))
     num_params = sum(v.size for k, v in state_dict.items() if 'running_' not in k
                      and not k.endswith('num_batches_tracked'))
-    direction = 'Flax -> PyTorch' if args.to_torch else 'PyTorch -> Flax'
-    print(f'{direction}: {args.input} [{where}] -> {output}\n'
+    print(f'{direction(args)}: {args.input} [{where}] -> {output}\n'
           f'  EfficientNetV2-{metadata["variant"].upper()}, {layout.name} layout, '
           f'{metadata["num_classes"]} classes, {num_params:,} parameters, padding '
           f'{metadata["padding"]}, BN eps {metadata["bn_eps"]:g}, '
           f'{time.perf_counter() - start:.1f} s')
+    if args.push_to_hub:
+        try:
+            print(f'uploaded: {hub.push_to_hub(output, args.push_to_hub)}')
+        except Exception as e:  # noqa: BLE001 - the network, a login, a permission: for the user
+            return cli.fail(f'{output} was written, but the upload failed: {cli.first_line(e)}')
     return cli.EXIT_OK
 
 

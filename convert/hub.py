@@ -31,6 +31,8 @@ TIMM_BN_EPS = {'same': 1e-3, 'symmetric': 1e-5}
 DEFAULT_SIZE, DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 224, 0.875, 'center'
 CROP_MODES = {'center': 'shorter', 'squash': 'squash'}  # timm's crop_mode -> our `resize`
 # model_args that leave the eval forward alone, with the value they must have (None: any).
+# timm architectures named EfficientNetV2 whose blocks this package does not build, and why.
+UNSUPPORTED = {'gc_efficientnetv2_rw_t': 'global-context attention in place of squeeze-excite'}
 NEUTRAL_MODEL_ARGS = {'in_chans': 3, 'global_pool': 'avg', 'num_classes': None, 'drop_rate': None,
                       'drop_path_rate': None}
 
@@ -38,6 +40,9 @@ NEUTRAL_MODEL_ARGS = {'in_chans': 3, 'global_pool': 'avg', 'num_classes': None, 
 def architecture(config: dict) -> tuple[str, str, float]:
     """(variant, padding, BN eps) of a timm config; ValueError (one line) for another model."""
     name, args = config.get('architecture'), config.get('model_args') or {}
+    if name in UNSUPPORTED:
+        raise ValueError(f"timm's {name} has {UNSUPPORTED[name]}, a block this package does not "
+                         'build')
     base = name.removeprefix('tf_') if isinstance(name, str) else ''
     if not base.startswith('efficientnetv2_'):
         raise ValueError(f'its architecture is {name!r}, not an EfficientNetV2 '

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -43,6 +44,13 @@ def positive_float(text: str) -> float:
     if not 0 < value < float('inf'):
         raise argparse.ArgumentTypeError(f'expected a positive number, got {text!r}')
     return value
+
+
+def weights_source(text: str):
+    """A pretrained name ('hf-hub:...', 'torchvision:...', 'local-dir:...') as given, anything
+    else as a Path (argparse type for a weights argument)."""
+    from effnetv2_jax.checkpoint import PRETRAINED_SCHEMES
+    return text if text.startswith(PRETRAINED_SCHEMES) else Path(text)
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

@@ -18,6 +18,7 @@ from effnetv2_jax.predictor import Predictor
 from effnetv2_jax.transforms import RESAMPLING
 
 EXAMPLES = """\
+  python -m effnetv2_jax.predict cat.jpg --weights hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k
   python -m effnetv2_jax.predict cat.jpg --weights efficientnetv2_s.msgpack
   python -m effnetv2_jax.predict photos/*.jpg --weights flowers.msgpack --labels class_indices.json
   python -m effnetv2_jax.predict cat.jpg --weights s.msgpack --size 320 --json
@@ -29,8 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    'the eval transform their source expects (stored in the weights file; flags '
                    'override it).', EXAMPLES)
     p.add_argument('images', nargs='+', type=Path, metavar='IMAGE', help='image files')
-    p.add_argument('--weights', required=True, type=Path,
-                   help='a file written by python -m convert, python -m train or effnetv2_jax.save')
+    p.add_argument('--weights', required=True, type=cli.weights_source,
+                   help='a file written by python -m convert, python -m train or effnetv2_jax.save, '
+                   'or a pretrained name: hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k, '
+                   'torchvision:efficientnet_v2_s, local-dir:FOLDER')
     p.add_argument('--top-k', type=cli.positive_int, default=5,
                    help='classes per image (default 5)')
     p.add_argument('--json', action='store_true', help='print JSON instead of a table')
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         predictor = Predictor(args.weights, preprocessing=overrides, labels=args.labels,
                               batch_size=args.batch_size, dtype=jnp.dtype(args.dtype))
     except (OSError, ValueError, KeyError) as e:
-        torch_suffix = args.weights.suffix in ('.pth', '.pt', '.bin', '.safetensors')
+        torch_suffix = Path(args.weights).suffix in ('.pth', '.pt', '.bin', '.safetensors')
         hint = f' (convert PyTorch weights first: python -m convert {args.weights})'
         return cli.fail(f'{e}{hint if torch_suffix else ""}')
     try:
