@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from convert import converter, hub, layouts, pretrained, torch_io
+from convert import converter, hub, layouts, torch_io
 from convert.torch_io import CheckpointError
 from effnetv2_jax import checkpoint, cli
 from effnetv2_jax.files import OutputKind, check_output
@@ -95,10 +95,8 @@ def is_flax_input(args) -> bool:
 
 
 def default_output(args) -> Path:
-    suffix = '.pth' if args.to_torch else '.orbax' if args.format == 'orbax' else '.msgpack'
-    if isinstance(args.input, str):
-        return Path(pretrained.default_stem(args.input) + suffix)
-    return args.input.with_suffix(suffix)
+    return cli.output_for(args.input, '.pth' if args.to_torch else '.orbax' if (
+        args.format == 'orbax') else '.msgpack')
 
 
 def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, tolerance) -> bool:

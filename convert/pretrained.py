@@ -15,7 +15,6 @@ converted weights are cached under `$EFFNETV2_JAX_WEIGHTS_CACHE` (default
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,6 @@ CACHE_VERSION = 1  # bump when a conversion's output changes: older entries are 
 def cache_dir() -> Path:
     """Where converted weights are kept (see the module docstring)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'effnetv2_jax' / 'weights')
-
-
-def default_stem(name: str) -> str:
-    """A file name stem for a pretrained name: its repository, model or folder name."""
-    return re.split(r'[/:]', name.rstrip('/').split('@')[0])[-1] or 'pretrained'
 
 
 def read(name: str) -> tuple[dict, dict[str, Any]]:

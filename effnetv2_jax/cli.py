@@ -3,6 +3,7 @@ exit statuses (0 done; 1 `--verify` found the outputs apart; 2 bad input or unus
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def weights_source(text: str):
     else as a Path (argparse type for a weights argument)."""
     from effnetv2_jax.checkpoint import PRETRAINED_SCHEMES
     return text if text.startswith(PRETRAINED_SCHEMES) else Path(text)
+
+
+def output_for(source, suffix: str) -> Path:
+    """The default output of a command reading `source` (a `weights_source`): the input path with
+    `suffix`, or for a pretrained name its last part (repository, model or folder) plus `suffix`
+    in the current folder."""
+    if isinstance(source, Path):
+        return source.with_suffix(suffix)
+    return Path(re.split(r'[/:]', source.rstrip('/').split('@')[0])[-1] + suffix)
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

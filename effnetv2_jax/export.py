@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     p = cli.parser('effnetv2_jax.export', 'Export converted weights for serving without Flax: '
                    'a serialized jax.export artifact (StableHLO) or an ONNX model, weights '
                    'inside.')
-    p.add_argument('weights', type=Path, help='a file effnetv2_jax.save wrote (msgpack or Orbax)')
+    p.add_argument('weights', type=cli.weights_source, help='a file effnetv2_jax.save wrote '
+                   '(msgpack or Orbax), or a pretrained name (hf-hub:..., torchvision:...)')
     p.add_argument('-o', '--output', type=Path, help='default: WEIGHTS with suffix .jaxexport '
                    '(.onnx for --format onnx)')
     p.add_argument('--format', choices=FORMATS, default='jaxexport',
@@ -180,14 +181,15 @@ def main(argv=None) -> int:
             import jax2onnx, onnx  # noqa: F401, E401 - present before anything is read
         except ImportError:
             return cli.fail(ONNX_MISSING)
-    output = args.output or args.weights.with_suffix('.onnx' if onnx_format else '.jaxexport')
+    output = args.output or cli.output_for(args.weights, '.onnx' if onnx_format else '.jaxexport')
     platforms = args.platforms.split(',') if args.platforms is not None else None
+    inputs = [args.weights] if isinstance(args.weights, Path) else []  # a name is no path
     try:
         if onnx_format:
-            check_output(output, ONNX_KIND, inputs=[args.weights])
+            check_output(output, ONNX_KIND, inputs=inputs)
         else:
-            check_output(output, EXPORT_KIND, inputs=[args.weights])
-            check_output(_sidecar(output), SIDECAR_KIND, inputs=[args.weights])
+            check_output(output, EXPORT_KIND, inputs=inputs)
+            check_output(_sidecar(output), SIDECAR_KIND, inputs=inputs)
         variables, metadata = checkpoint.read(args.weights)
         model = checkpoint.build_model(metadata)
         size = args.image_size if args.image_size is not None else (

@@ -59,7 +59,8 @@ def read_labels(path: str | os.PathLike) -> list[str]:
 class Predictor:
     """A jitted classifier over converted (or trained) weights.
 
-    `weights`: a file `effnetv2_jax.save`, `python -m convert` or `python -m train` wrote.
+    `weights`: a file `effnetv2_jax.save`, `python -m convert` or `python -m train` wrote, or a
+    pretrained name ('hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k', 'torchvision:...').
     `preprocessing`: keys of the eval transform spec to override (`size`, `resize`, `crop_pct`,
     `interpolation`, `mean`, `std`); the rest comes from the file's metadata.
     `labels`: a labels file or a list of names; default: the file's class names, else ImageNet's
