@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import huggingface_hub
+import jax
 import numpy as np
 import pytest
 import timm
@@ -29,6 +30,7 @@ import torchvision
 from PIL import Image
 from timm.models._hub import save_for_hf
 
+import convert.hub
 from convert import pretrained
 from convert.__main__ import main as convert_main
 from convert.torch_reference import randomize_
@@ -245,6 +247,32 @@ def test_convert_cli_writes_a_hub_name_as_weights_file(hub, tmp_path, monkeypatc
     np.testing.assert_array_equal(variables['params']['classifier']['kernel'],
                                   expected['params']['classifier']['kernel'])
     assert metadata['source'].startswith('hf-hub:timm/tf_efficientnetv2_b0.in1k@')
+
+
+def test_convert_cli_saves_a_name_in_timms_format_and_pushes_it(hub, tmp_path, monkeypatch):
+    publish(hub, 'tf_efficientnetv2_b0.in1k')
+    pushed = []
+    monkeypatch.setattr(convert.hub, 'push_to_hub',
+                        lambda folder, repo_id: pushed.append((folder, repo_id)) or 'url')
+    assert convert_main(['hf-hub:timm/tf_efficientnetv2_b0.in1k', '--save-pretrained',
+                         str(tmp_path / 'b0'), '--push-to-hub', 'me/b0']) == 0
+    assert pushed == [(tmp_path / 'b0', 'me/b0')]
+    saved, metadata = checkpoint.read(f'local-dir:{tmp_path / "b0"}')
+    original, original_metadata = checkpoint.read('hf-hub:timm/tf_efficientnetv2_b0.in1k')
+    jax.tree.map(np.testing.assert_array_equal, saved, original)
+    assert metadata['preprocessing'] == original_metadata['preprocessing']
+
+
+def test_failed_push_says_the_folder_was_written(hub, tmp_path, monkeypatch, capsys):
+    publish(hub, 'tf_efficientnetv2_b0.in1k')
+
+    def offline(folder, repo_id):
+        raise huggingface_hub.errors.OfflineModeIsEnabled('Cannot reach the Hub: offline mode')
+    monkeypatch.setattr(convert.hub, 'push_to_hub', offline)
+    assert convert_main(['hf-hub:timm/tf_efficientnetv2_b0.in1k', '--save-pretrained',
+                         str(tmp_path / 'b0'), '--push-to-hub', 'me/b0']) == 2
+    assert 'was written, but the upload failed' in assert_one_line_error(capsys.readouterr().err)
+    assert (tmp_path / 'b0' / 'model.safetensors').is_file()
 
 
 @pytest.mark.parametrize('name', ['hf-hub:timm/no_such_model', 'torchvision:efficientnet_b0',
