@@ -1,7 +1,7 @@
 """`effnetv2_jax.save_pretrained` and `push_to_hub`: a folder in timm's Hub format that timm loads
 to the same model, eval transform and class names, and that `local-dir:` reads back bitwise;
 written atomically over nothing but its own kind; uploaded in one commit (huggingface_hub's HfApi
-replaced: no network)."""
+replaced: no network). And `python -m train --save-pretrained`."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,7 @@ from effnetv2_jax.files import OutputError
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION, preprocess
 from helpers import (SMALL_METADATA, assert_logits_close, assert_one_line_error, jitted_apply,
                      photos, random_variables, snapshot, torch_logits)
+from train.__main__ import main as train_main
 
 # name -> (metadata, the config.json's architecture and model_args). 64 px keeps each forward a
 # few seconds on 2 CPU cores; the stride-2 convs then see even sizes, which TensorFlow's 'same'
@@ -278,3 +279,47 @@ def test_push_refuses_a_folder_save_pretrained_did_not_write(tmp_path, fake_hub,
         effnetv2_jax.push_to_hub(tmp_path / 'pretrained', 'me/digits-b0')
     assert fake_hub == []  # nothing sent
 
+
+# --- python -m train --save-pretrained ---------------------------------------------------------
+
+def test_train_writes_the_final_weights_as_a_folder_timm_loads(
+        tmp_path, digits, small_variables):
+    """The weights of model.msgpack, class names included. The cheapest run that trains: 3 steps
+    of the classifier alone on a B0 from a weights file (its class count differs: the run gives
+    it a fresh 10-class classifier), no validation set; compiling the step takes most of it."""
+    init, workdir, folder = tmp_path / 'init.msgpack', tmp_path / 'run', tmp_path / 'digits-b0'
+    effnetv2_jax.save(init, small_variables, SMALL_METADATA)
+    assert train_main(['--data-dir', f'{digits}/train', '--val-split', '0', '--workdir',
+                       str(workdir), '--init', str(init), '--freeze-backbone', '--ema-decay', '0',
+                       '--batch-size', '16', '--epochs', '0.05', '--num-stages', '1',
+                       '--save-pretrained', str(folder)]) == 0
+    variables, metadata = checkpoint.read(workdir / 'model.msgpack')
+    model = timm_model(folder)
+    assert model.pretrained_cfg['label_names'] == [str(d) for d in range(10)]
+    images = preprocess(sorted(Path(digits, 'test').rglob('*.png'))[::30],
+                        metadata['preprocessing'])
+    ours = np.asarray(jitted_apply(checkpoint.build_model(metadata))(variables, images))
+    assert_logits_close(torch_logits(model, images), ours)  # tolerance: as above
+
+
+@pytest.mark.parametrize('folder, message', [
+    ('mine', 'mine exists and is not a folder written by effnetv2_jax.save_pretrained'),
+    ('run/hf', 'is, holds or is inside the workdir'),
+    ('.', 'is, holds or is inside the workdir'),
+    ('nowhere/hf', 'output folder'),
+])
+def test_train_refuses_a_save_pretrained_folder_it_may_not_write_before_it_starts(
+        tmp_path, digits, capsys, folder, message):
+    foreign_file(tmp_path / 'mine')
+    before = snapshot(tmp_path)
+    assert train_main(['--data-dir', digits, '--workdir', str(tmp_path / 'run'),
+                       '--save-pretrained', str(tmp_path / folder)]) == 2
+    assert message in assert_one_line_error(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+
+
+def test_train_eval_only_with_save_pretrained_is_a_one_line_error(tmp_path, capsys):
+    assert train_main(['--eval-only', '--init', str(tmp_path / 'w.msgpack'),
+                       '--save-pretrained', str(tmp_path / 'hf')]) == 2
+    assert '--eval-only trains nothing' in assert_one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
