@@ -22,7 +22,7 @@ from convert.torch_io import PRODUCER, CheckpointError
 from effnetv2_jax.cli import first_line
 from effnetv2_jax.configs import get_variant
 from effnetv2_jax.files import OutputKind, atomic_write
-from effnetv2_jax.transforms import IMAGENET_NORMALISATION, RESAMPLING
+from effnetv2_jax.transforms import IMAGENET_NORMALISATION, RESAMPLING, resize_size
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
 # timm's BatchNorm eps for its tf_* architectures (ported from TensorFlow) and for the others.
@@ -135,11 +135,11 @@ def config(metadata: dict[str, Any]) -> dict[str, Any]:
     variant, padding, bn_eps = metadata['variant'], metadata['padding'], metadata['bn_eps']
     # timm's tf_ architectures cover every variant; efficientnetv2_* only some, symmetric.
     tf = padding == 'same' or variant not in layouts.TIMM.family('symmetric').variants
-    model_args = {'num_classes': metadata['num_classes']}
+    # bn_eps always: a reader that takes the default eps from the padding rather than from the
+    # architecture would read a tf_ model with pad_type '' (still eps 1e-3 in timm) as 1e-5.
+    model_args = {'num_classes': metadata['num_classes'], 'bn_eps': bn_eps}
     if padding != ('same' if tf else 'symmetric'):
         model_args['pad_type'] = ''
-    if bn_eps != TIMM_BN_EPS['same' if tf else 'symmetric']:
-        model_args['bn_eps'] = bn_eps
     spec = metadata.get('preprocessing') or layouts.TIMM.preprocessing(
         get_variant(variant), padding, metadata['num_classes'])
     out = {
@@ -163,26 +163,62 @@ def config(metadata: dict[str, Any]) -> dict[str, Any]:
 
 MODEL_CARD = """---
 library_name: timm
+pipeline_tag: image-classification
 tags:
 - image-classification
 - timm
 - effnetv2-jax
 ---
-# EfficientNetV2-{variant} ({num_classes} classes)
+# EfficientNetV2-{variant}, {num_classes} classes
 
-Written by effnetv2-jax's `save_pretrained` in timm's format: the same weights load in PyTorch
-with timm and in JAX with effnetv2-jax.
+EfficientNetV2 ([arXiv:2104.00298](https://arxiv.org/abs/2104.00298)) weights in timm's format,
+written by effnetv2-jax's `save_pretrained`. timm builds them as `{architecture}` (with the
+`model_args` of `config.json`), effnetv2-jax as EfficientNetV2-{variant}; the two give the same
+logits, to float32 rounding.
+{classes}
+Eval transform: {transform}.
+
+## PyTorch, with timm
 
 ```python
 import timm
+from PIL import Image
+
 model = timm.create_model('hf-hub:REPO_ID', pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
+logits = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))
 ```
+
+## JAX, with effnetv2-jax
 
 ```python
 import effnetv2_jax
-model, variables = effnetv2_jax.load('hf-hub:REPO_ID')
+
+predictor = effnetv2_jax.Predictor('hf-hub:REPO_ID')
+print(predictor.predict('image.jpg', top_k={top_k}))
 ```
 """
+CARD_MAX_CLASS_NAMES = 20  # beyond, the card leaves the names to config.json's label_names
+
+
+def model_card(metadata: dict[str, Any], content: dict[str, Any]) -> str:
+    """The README.md of a `save_pretrained` folder whose `config.json` is `content`; `REPO_ID`
+    stands for the repository, which `push_to_hub` fills in."""
+    cfg = content['pretrained_cfg']
+    size, crop_pct = cfg['input_size'][-1], cfg['crop_pct']
+    scale = resize_size({'size': size, 'crop_pct': crop_pct})
+    resize = (f'resize the shorter side to {scale} px' if cfg['crop_mode'] == 'center' else
+              f'resize to {scale} x {scale} px (ignoring the aspect ratio)')
+    numbers = lambda values: ', '.join(f'{v:g}' for v in values)
+    names = content.get('label_names') or []
+    classes = (f'\nClasses: {", ".join(names)}.\n' if 0 < len(names) <= CARD_MAX_CLASS_NAMES
+               else '')
+    return MODEL_CARD.format(
+        variant=metadata['variant'].upper(), num_classes=metadata['num_classes'],
+        architecture=content['architecture'], classes=classes,
+        top_k=min(5, metadata['num_classes']),
+        transform=f'{resize} and center-crop {size} x {size} px ({cfg["interpolation"]}), then '
+                  f'normalise with mean ({numbers(cfg["mean"])}) and std ({numbers(cfg["std"])})')
 
 
 def _is_pretrained_folder(path: Path) -> bool:
@@ -218,8 +254,7 @@ def save_pretrained(variables, metadata: dict[str, Any], directory: str | os.Pat
     def write(tmp: Path):
         save_file(state_dict, tmp / WEIGHTS_NAME, metadata={'format': 'pt', **PRODUCER})
         (tmp / CONFIG_NAME).write_text(json.dumps(content, indent=2))
-        (tmp / CARD_NAME).write_text(MODEL_CARD.format(
-            variant=metadata['variant'].upper(), num_classes=metadata['num_classes']))
+        (tmp / CARD_NAME).write_text(model_card(metadata, content))
     atomic_write(directory, write, PRETRAINED_KIND)
     return Path(directory)
 

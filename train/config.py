@@ -98,6 +98,8 @@ class TrainConfig:
     eval_every: float = 1  # epochs
     checkpoint_every: int = 500  # steps; also at every stage end and at the end
     keep_checkpoints: int = 2
+    # Also write the final weights as a folder in timm's Hub format (effnetv2_jax.save_pretrained)
+    save_pretrained: Optional[str] = None
     eval_only: bool = False
     tensorboard: bool = False
     # 'auto': jax.distributed.initialize() where a cluster is detected; 'on': always; 'off'
@@ -129,6 +131,9 @@ class TrainConfig:
             raise ConfigError(f'--val-split must be in [0, 1), got {self.val_split}')
         if self.eval_only and not self.init:
             raise ConfigError('--eval-only needs --init WEIGHTS')
+        if self.eval_only and self.save_pretrained:
+            raise ConfigError('--save-pretrained writes the weights a training run ends with; '
+                              '--eval-only trains nothing')
 
     @property
     def lr(self) -> float:

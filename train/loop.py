@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import effnetv2_jax
+from convert import hub
 from effnetv2_jax import checkpoint, cli
 from effnetv2_jax.files import check_output
 from effnetv2_jax.model import abstract_variables
@@ -73,6 +74,25 @@ def _check_outputs(workdir: Path):
             check_output(workdir / name, kind)
     except OSError as e:
         raise ConfigError(cli.first_line(e)) from None
+
+
+def _check_save_pretrained(config: TrainConfig):
+    """`ConfigError` now, rather than after the training, unless `--save-pretrained` may be
+    written: a folder outside the workdir (which the run fills), not the data or the --init
+    weights, absent or written by `save_pretrained` (files.check_output)."""
+    if not config.save_pretrained:
+        return
+    folder, workdir = Path(config.save_pretrained).resolve(), Path(config.workdir).resolve()
+    if folder == workdir or workdir in folder.parents or folder in workdir.parents:
+        raise ConfigError(f'--save-pretrained {config.save_pretrained} is, holds or is inside '
+                          f'the workdir {config.workdir}; choose a folder outside it')
+    init = (config.init or '').removeprefix('local-dir:')
+    inputs = [p for p in (config.data_dir, init) if p and not p.startswith(
+            checkpoint.PRETRAINED_SCHEMES)]
+    try:
+        check_output(config.save_pretrained, hub.PRETRAINED_KIND, inputs)
+    except OSError as e:
+        raise ConfigError(f'--save-pretrained: {cli.first_line(e)}') from None
 
 
 def _data_dir(config: TrainConfig) -> str:
@@ -203,6 +223,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     'weights', ...}. Raises `ConfigError` for a configuration this machine cannot run,
     `input_pipeline.DataError` for bad data, `Preempted` on SIGTERM."""
     started = time.time()
+    _check_save_pretrained(config)
     train_folder, val_folder = input_pipeline.find_splits(
             _data_dir(config), config.val_split, config.seed)
     for folder in (train_folder, val_folder):
@@ -309,15 +330,22 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 
 def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
     """Writes the final raw or EMA weights (`which`) into the workdir, for `python -m convert`,
-    `effnetv2_jax.load` and `--eval-only`."""
+    `effnetv2_jax.load` and `--eval-only`, and the same to `--save-pretrained` for timm and the
+    Hub."""
     variables = jax.device_get(state.weights()[which])
-    path = Path(config.workdir) / WEIGHTS_FILE
-    if jax.process_index() == 0:
-        effnetv2_jax.save(path, variables, {
-                'variant': model.variant.name, 'num_classes': model.num_classes,
+    metadata = {'variant': model.variant.name, 'num_classes': model.num_classes,
                 'padding': model.padding, 'bn_eps': model.bn_eps, 'source_layout': 'effnetv2-jax',
                 'preprocessing': spec, 'class_names': list(class_names),
-                'trained': {'weights': which, 'steps': int(state.step), 'init': config.init}})
+                'trained': {'weights': which, 'steps': int(state.step), 'init': config.init}}
+    path = Path(config.workdir) / WEIGHTS_FILE
+    if jax.process_index() == 0:
+        effnetv2_jax.save(path, variables, metadata)
+        if config.save_pretrained:
+            try:
+                hub.save_pretrained(variables, metadata, config.save_pretrained)
+            except OSError as e:  # changed since the run's start (_check_save_pretrained)
+                raise ConfigError(f'--save-pretrained: {cli.first_line(e)} (the weights are '
+                                  f'in {path})') from None
     return path
 
 
