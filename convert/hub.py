@@ -59,7 +59,9 @@ def architecture(config: dict) -> tuple[str, str, float]:
     if args.get('pad_type', '') not in ('', 'same') or unsupported:
         raise ValueError(f'its model_args {", ".join(unsupported) or args["pad_type"]} change the '
                          'architecture in a way this package does not build')
-    return variant, padding, float(args.get('bn_eps', TIMM_BN_EPS[padding]))
+    # timm's default eps follows the architecture's name, not a pad_type given in model_args.
+    default_eps = TIMM_BN_EPS['same' if name.startswith('tf_') else 'symmetric']
+    return variant, padding, float(args.get('bn_eps', default_eps))
 
 
 def preprocessing(pretrained_cfg: dict) -> dict:
@@ -169,7 +171,7 @@ tags:
 - timm
 - effnetv2-jax
 ---
-# EfficientNetV2-{variant}, {num_classes} classes
+# EfficientNetV2-{variant}, {title}
 
 EfficientNetV2 ([arXiv:2104.00298](https://arxiv.org/abs/2104.00298)) weights in timm's format,
 written by effnetv2-jax's `save_pretrained`. timm builds them as `{architecture}` (with the
@@ -194,8 +196,7 @@ logits = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))
 ```python
 import effnetv2_jax
 
-predictor = effnetv2_jax.Predictor('hf-hub:REPO_ID')
-print(predictor.predict('image.jpg', top_k={top_k}))
+{jax_example}
 ```
 """
 CARD_MAX_CLASS_NAMES = 20  # beyond, the card leaves the names to config.json's label_names
@@ -214,9 +215,14 @@ def model_card(metadata: dict[str, Any], content: dict[str, Any]) -> str:
     classes = (f'\nClasses: {", ".join(names)}.\n' if 0 < len(names) <= CARD_MAX_CLASS_NAMES
                else '')
     return MODEL_CARD.format(
-        variant=metadata['variant'].upper(), num_classes=metadata['num_classes'],
-        architecture=content['architecture'], classes=classes,
-        top_k=min(5, metadata['num_classes']),
+        variant=metadata['variant'].upper(), architecture=content['architecture'],
+        title=f'{metadata["num_classes"]} classes' if metadata['num_classes'] else 'features',
+        classes=classes, jax_example=(
+            "predictor = effnetv2_jax.Predictor('hf-hub:REPO_ID')\n"
+            f"print(predictor.predict('image.jpg', top_k={min(5, metadata['num_classes'])}))"
+            if metadata['num_classes'] else
+            "model, variables = effnetv2_jax.load('hf-hub:REPO_ID')  # pooled features [N, "
+            f"{content['num_features']}]"),
         transform=f'{resize} and center-crop {size} x {size} px ({cfg["interpolation"]}), then '
                   f'normalise with mean ({numbers(cfg["mean"])}) and std ({numbers(cfg["std"])})')
 
