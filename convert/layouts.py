@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from effnetv2_jax.configs import VARIANTS, Stage, Variant
+from effnetv2_jax.configs import OFFICIAL_VARIANTS, VARIANTS, Stage, Variant
 from effnetv2_jax.checkpoint import variable_leaves
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
@@ -121,7 +121,7 @@ class Layout(NamedTuple):
 def block_parts(stage: Stage) -> list[str]:
     """Flax paths (below `blocks_<i>`) of a block's weight-bearing modules, in order."""
     if stage.block == 'fused':
-        return ['project_conv'] if stage.expansion == 1 else ['expand_conv', 'project_conv']
+        return ['project_conv'] if stage.single_conv else ['expand_conv', 'project_conv']
     return (['expand_conv', 'dwconv'] + (['se/conv_reduce', 'se/conv_expand'] if stage.se_ratio
                                           else []) + ['project_conv'])
 
@@ -145,9 +145,9 @@ def _torchvision_block(stage: Stage, s: int, j: int, g: int) -> list[TorchModule
 
 def _timm_block(stage: Stage, s: int, j: int, g: int) -> list[TorchModule]:
     prefix = f'blocks.{s}.{j}'
-    if stage.block == 'fused' and stage.expansion == 1:
+    if stage.single_conv:  # timm's ConvBnAct ('cn')
         return [ConvBN(f'{prefix}.conv', f'{prefix}.bn1')]
-    if stage.block == 'fused':
+    if stage.block == 'fused':  # timm's EdgeResidual ('er'), of any expansion
         return [ConvBN(f'{prefix}.conv_exp', f'{prefix}.bn1'),
                 ConvBN(f'{prefix}.conv_pwl', f'{prefix}.bn2')]
     se = ([BiasedConv(f'{prefix}.se.conv_reduce'), BiasedConv(f'{prefix}.se.conv_expand')]
@@ -191,7 +191,6 @@ def _squash(size, interpolation, normalisation, crop_pct=1.0) -> Preprocessing:
     return Preprocessing(size, 'squash', crop_pct, interpolation, normalisation)
 
 
-ALL_VARIANTS = tuple(VARIANTS)
 HALF, IMAGENET = HALF_NORMALISATION, IMAGENET_NORMALISATION
 
 WZMIAOMIAO = Layout(
@@ -203,7 +202,7 @@ WZMIAOMIAO = Layout(
     classifier=Linear('head.classifier'),
     block_modules=_wzmiaomiao_block,
     # Its predict.py: short side to the eval size, bilinear, mean = std = 0.5.
-    families=(Family('symmetric', ALL_VARIANTS, _build_reference,
+    families=(Family('symmetric', OFFICIAL_VARIANTS, _build_reference,
                      default_preprocessing=_shorter(None, 'bilinear', HALF)),))
 
 TORCHVISION = Layout(
@@ -226,9 +225,10 @@ TIMM = Layout(
     classifier=Linear('classifier'),
     block_modules=_timm_block,
     # The pretrained config of each model's default tag, at its test size. timm's pretrained
-    # EfficientNetV2 weights are the tf_* ones (ported from TensorFlow: 'same' padding).
+    # EfficientNetV2 weights are the tf_* ones (ported from TensorFlow: 'same' padding) and
+    # those of its own efficientnetv2_rw_t/_s/_m (symmetric, trained in timm).
     families=(
-        Family('same', ALL_VARIANTS, _timm_builder('tf_'),
+        Family('same', OFFICIAL_VARIANTS, _timm_builder('tf_'),
                default_preprocessing=_shorter(None, 'bicubic', HALF),
                preprocessing={
                    'm': _squash(None, 'bicubic', HALF), 'l': _squash(None, 'bicubic', HALF),
@@ -239,7 +239,8 @@ TIMM = Layout(
                    'b3': _squash(300, 'bicubic', HALF, crop_pct=0.9),  # in21k_ft_in1k
                    ('b3', 21843): _shorter(300, 'bicubic', HALF, crop_pct=0.904),  # in21k
                }),
-        Family('symmetric', ('s', 'm', 'l', 'xl'), _timm_builder(''),
+        # rw_t/_s/_m (ra2_in1k, agc_in1k): the default, at their eval sizes 288/384/416.
+        Family('symmetric', ('s', 'm', 'l', 'xl', 'rw_t', 'rw_s', 'rw_m'), _timm_builder(''),
                default_preprocessing=_shorter(None, 'bicubic', IMAGENET),
                preprocessing={'m': _shorter(416, 'bicubic', IMAGENET)}),
     ))

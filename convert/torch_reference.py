@@ -2,8 +2,9 @@
 `model.py` (github.com/WZMIAOMIAO/deep-learning-for-image-processing,
 pytorch_classification/Test11_efficientnetV2).
 
-Built from the same `Variant` configs as the Flax model, so it covers every variant. Used by the
-converter's `--verify` and `--to-torch` and by the equivalence tests; imports torch.
+Built from the same `Variant` configs as the Flax model, so it covers every official variant
+(not timm's own `rw_*`, whose blocks model.py lacks). Used by the converter's `--verify` and
+`--to-torch` and by the equivalence tests; imports torch.
 """
 from __future__ import annotations
 
@@ -140,8 +141,12 @@ class EfficientNetV2(nn.Module):
 
 
 def create(name: str, num_classes: int = 1000, **kwargs) -> EfficientNetV2:
-    """The reference model of a variant name ('s', 'b0', ...), randomly initialised."""
-    return EfficientNetV2(get_variant(name), num_classes, **kwargs)
+    """The reference model of an official variant name ('s', 'b0', ...), randomly initialised;
+    ValueError for timm's own variants."""
+    variant = get_variant(name)
+    if variant.source != 'official':
+        raise ValueError(f"WZMIAOMIAO's model.py has no EfficientNetV2-{variant.name.upper()}")
+    return EfficientNetV2(variant, num_classes, **kwargs)
 
 
 RESIDUAL_BRANCH_GAIN = 0.1  # trained nets have small last-BN gammas (timm zero-inits them); at

@@ -1,7 +1,9 @@
 """EfficientNetV2 variant configurations, as data, in one registry.
 
-Values follow the paper (arXiv:2104.00298, Table 4 and the appendix), its official TensorFlow code
-(google/automl, efficientnetv2/effnetv2_configs.py) and WZMIAOMIAO's PyTorch `model.py`.
+The official variants follow the paper (arXiv:2104.00298, Table 4 and the appendix), its
+TensorFlow code (google/automl, efficientnetv2/effnetv2_configs.py) and WZMIAOMIAO's PyTorch
+`model.py`. `rw_t`, `rw_s` and `rw_m` are timm's own EfficientNetV2s (`efficientnetv2_rw_*`),
+which exist only in timm.
 """
 from __future__ import annotations
 
@@ -18,6 +20,15 @@ class Stage(NamedTuple):
     out_channels: int
     kernel_size: int = 3
     se_ratio: float = 0.0  # squeeze width = block input channels * se_ratio
+    # A fused block of expansion 1 is one kxk conv with activation (the paper, WZMIAOMIAO,
+    # torchvision, timm's 'cn'); with `fused_project` it keeps the 1x1 project conv as with a
+    # larger expansion: kxk conv + BN + act, 1x1 conv + BN (timm's 'er' block in rw_s, rw_m).
+    fused_project: bool = False
+
+    @property
+    def single_conv(self) -> bool:
+        """Whether each block of this stage is one kxk ConvBNAct (a fused stage of expansion 1)."""
+        return self.block == 'fused' and self.expansion == 1 and not self.fused_project
 
 
 class Variant(NamedTuple):
@@ -31,6 +42,7 @@ class Variant(NamedTuple):
     eval_size: int
     dropout_rate: float
     drop_path_rate: float = 0.2
+    source: str = 'official'  # 'official' (paper and google/automl) or 'timm' (timm's own)
 
     @property
     def num_blocks(self) -> int:
@@ -39,6 +51,10 @@ class Variant(NamedTuple):
 
 def _fused(repeats, stride, expansion, out_channels):
     return Stage('fused', repeats, stride, expansion, out_channels)
+
+
+def _fused_project(repeats, stride, expansion, out_channels):
+    return Stage('fused', repeats, stride, expansion, out_channels, fused_project=True)
 
 
 def _mbconv(repeats, stride, expansion, out_channels):
@@ -81,7 +97,33 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
         _b_series('b1', 32, _B0_WIDTHS, (2, 3, 3, 4, 6, 9), 1280, 192, 240, 0.2),
         _b_series('b2', 32, (16, 32, 56, 104, 120, 208), (2, 3, 3, 4, 6, 10), 1408, 208, 260, 0.3),
         _b_series('b3', 40, (16, 40, 56, 112, 136, 232), (2, 3, 3, 5, 7, 12), 1536, 240, 300, 0.3),
+        # timm's `_gen_efficientnetv2_s` (timm/models/efficientnet.py) scales S's arch_def: widths
+        # by round_channels(c * channel multiplier) (to a multiple of 8, at least 90% of c *
+        # multiplier), repeats by ceil(r * depth multiplier); rw=True makes the first stage 'er'
+        # (fused_project), the last 272 wide and the head 1792. The numbers it builds, written
+        # out. Sizes: its pretrained configs (train input_size / test_input_size). Its training
+        # recipes give no dropout or drop path rate: those of the official S and M.
+        # efficientnetv2_rw_t: channel multiplier 0.8, depth 0.9, rw=False.
+        Variant('rw_t', 24, (
+                _fused(2, 1, 1, 24), _fused(4, 2, 4, 40), _fused(4, 2, 4, 48),
+                _mbconv(6, 2, 4, 104), _mbconv(9, 1, 6, 128), _mbconv(14, 2, 6, 208),
+        ), 1024, train_size=224, eval_size=288, dropout_rate=0.2, source='timm'),
+        # efficientnetv2_rw_s: multipliers 1.0, rw=True.
+        Variant('rw_s', 24, (
+                _fused_project(2, 1, 1, 24), _fused(4, 2, 4, 48), _fused(4, 2, 4, 64),
+                _mbconv(6, 2, 4, 128), _mbconv(9, 1, 6, 160), _mbconv(15, 2, 6, 272),
+        ), 1792, train_size=288, eval_size=384, dropout_rate=0.2, source='timm'),
+        # efficientnetv2_rw_m: channel multiplier 1.2 (stem too: 24 -> 32), depth 1.2 for the
+        # first four stages and 1.6 for the last two, rw=True.
+        Variant('rw_m', 32, (
+                _fused_project(3, 1, 1, 32), _fused(5, 2, 4, 56), _fused(5, 2, 4, 80),
+                _mbconv(8, 2, 4, 152), _mbconv(15, 1, 6, 192), _mbconv(24, 2, 6, 328),
+        ), 2152, train_size=320, eval_size=416, dropout_rate=0.3, source='timm'),
 )}
+
+# The paper's and google/automl's variants, which WZMIAOMIAO's model.py and timm's tf_ models
+# build; timm's own (`source='timm'`) exist only as timm's symmetric-padding models.
+OFFICIAL_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.source == 'official')
 
 
 def get_variant(name: str) -> Variant:

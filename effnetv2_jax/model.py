@@ -19,21 +19,23 @@ class FusedMBConv(nn.Module):
     """kxk conv expand (+ 1x1 project), residual with drop path when stride 1 and in == out.
 
     With expansion 1 the block is one kxk ConvBNAct *with* activation (named `project_conv`, as
-    in WZMIAOMIAO's model.py). Input (N, H, W, C_in); output (N, H/stride, W/stride,
-    out_channels).
+    in WZMIAOMIAO's model.py), unless `fused_project` keeps the 1x1 project conv (timm's
+    `efficientnetv2_rw_s`/`_m` first stage). Input (N, H, W, C_in); output (N, H/stride,
+    W/stride, out_channels).
     """
 
     out_channels: int
     expansion: int
     stride: int
     kernel_size: int = 3
+    fused_project: bool = False
     drop_path_rate: float = 0.0
     conv: Any = ConvBNAct  # a partial of ConvBNAct carrying padding, BN eps and dtypes
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_channels = x.shape[-1]
-        if self.expansion == 1:
+        if self.expansion == 1 and not self.fused_project:
             y = self.conv(features=self.out_channels, kernel_size=self.kernel_size,
                           stride=self.stride, name='project_conv')(x, train)
         else:
@@ -136,7 +138,7 @@ class EfficientNetV2(nn.Module):
             if self.remat:
                 block_cls = nn.remat(block_cls, static_argnums=(2,))
             extra = ({'se_ratio': stage.se_ratio, 'squeeze_excite': squeeze_excite}
-                     if stage.block == 'mbconv' else {})
+                     if stage.block == 'mbconv' else {'fused_project': stage.fused_project})
             for j in range(stage.repeats):
                 x = block_cls(
                     out_channels=stage.out_channels, expansion=stage.expansion,
@@ -158,7 +160,7 @@ class EfficientNetV2(nn.Module):
 
 
 def list_models() -> list[str]:
-    """Names accepted by `create_model`: 's', 'm', 'l', 'xl', 'b0', 'b1', 'b2', 'b3'."""
+    """Names accepted by `create_model`: 's', 'm', 'l', 'xl', 'b0'..'b3', 'rw_t', 'rw_s', 'rw_m'."""
     return list(VARIANTS)
 
 

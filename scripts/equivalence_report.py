@@ -40,7 +40,7 @@ INPUTS = {  # test function -> what both models are fed
         '4 photos, end to end',
 }
 TEST_ID = re.compile(r'(?P<test>\w+)\[(?P<source>wzmiaomiao|torchvision|timm-tf|timm)-'
-                     r'(?P<variant>[a-z0-9]+?)(?:-(?P<size>\d+))?\]')
+                     r'(?P<variant>[a-z0-9_]+?)(?:-(?P<size>\d+))?\]')
 
 INTRO = """\
 # Measured equivalence

@@ -127,7 +127,8 @@ SOURCES = {
        for v in ('s', 'm', 'l')},
     **{f'timm-tf-{v}': (functools.partial(timm.create_model, f'tf_efficientnetv2_{v}'), ())
        for v in ('s', 'm', 'xl', 'b0')},
-    'timm-s': (functools.partial(timm.create_model, 'efficientnetv2_s'), TIMM_TF_SYMMETRIC),
+    **{f'timm-{v}': (functools.partial(timm.create_model, f'efficientnetv2_{v}'),
+                     TIMM_TF_SYMMETRIC) for v in ('s', 'rw_t', 'rw_s', 'rw_m')},
 }
 
 

@@ -88,7 +88,9 @@ def test_every_torch_load_refuses_pickled_code():
 
 
 JUNIT_XML = """<?xml version="1.0" encoding="utf-8"?>
-<testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="0" tests="7">
+<testsuites name="pytest tests"><testsuite name="pytest" errors="0" failures="0" tests="8">
+<testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[timm-rw_s-97]">
+  <properties><property name="logit_error" value="1.7e-06"/></properties></testcase>
 <testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[timm-s-96]">
   <properties><property name="logit_error" value="1.6e-06"/></properties></testcase>
 <testcase classname="tests.test_equivalence" name="test_eval_logits_match_pytorch[timm-tf-b0-97]">
@@ -116,6 +118,7 @@ EXPECTED_TABLE = """\
 | timm `tf_efficientnetv2_*` (same padding) | B0 | 97 | noise | 1.4e-06 |
 | timm `tf_efficientnetv2_*` (same padding) | B0 | 224 | 4 photos, end to end | 1.1e-06 |
 | timm `efficientnetv2_*` (eps 1e-5) | S | 96 | noise | 1.6e-06 |
+| timm `efficientnetv2_*` (eps 1e-5) | RW_S | 97 | noise | 1.7e-06 |
 """
 
 

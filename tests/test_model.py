@@ -162,3 +162,16 @@ def test_create_model_takes_the_variant_rates_unless_overridden():
 def test_create_model_rejects_what_is_not_an_override(override):
     with pytest.raises(TypeError, match=rf"unknown override\(s\) \['{override}'\]; valid: "):
         effnetv2_jax.create_model('b0', **{override: 'xla'})
+
+
+@pytest.mark.parametrize('name, variant', [
+    ('s', 's'), ('EfficientNetV2-S', 's'), ('efficientnet_v2_m', 'm'),
+    ('tf_efficientnetv2_b0', 'b0'), ('efficientnetv2_rw_t', 'rw_t'),
+    ('efficientnetv2_rw_m', 'rw_m')])
+def test_get_variant_takes_the_libraries_model_names(name, variant):
+    assert effnetv2_jax.get_variant(name).name == variant
+
+
+def test_get_variant_refuses_timms_global_context_variant():
+    with pytest.raises(ValueError, match="unknown variant 'gc_efficientnetv2_rw_t'; known: s, "):
+        effnetv2_jax.get_variant('gc_efficientnetv2_rw_t')

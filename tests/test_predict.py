@@ -27,8 +27,8 @@ from helpers import (convert, photos, wzmiaomiao_transform, timm_transform, torc
                       torchvision_transform)
 from convert import layouts
 from convert.torch_reference import randomize_
-from effnetv2_jax import VARIANTS, Predictor, checkpoint
-from effnetv2_jax.configs import get_variant
+from effnetv2_jax import Predictor, checkpoint
+from effnetv2_jax.configs import OFFICIAL_VARIANTS, get_variant
 from effnetv2_jax.predict import main
 from effnetv2_jax.predictor import imagenet_class_names, read_labels
 from effnetv2_jax.transforms import as_image_list, open_image
@@ -52,8 +52,9 @@ def test_torchvision_metadata_is_torchvisions_eval_transform(variant):
     assert (spec['mean'], spec['std']) == (list(transform.mean), list(transform.std))
 
 
-TIMM_MODELS = ([(f'tf_efficientnetv2_{v}', v, 'same', 1000) for v in VARIANTS]
-               + [(f'efficientnetv2_{v}', v, 'symmetric', 1000) for v in ('s', 'm', 'l', 'xl')]
+TIMM_MODELS = ([(f'tf_efficientnetv2_{v}', v, 'same', 1000) for v in OFFICIAL_VARIANTS]
+               + [(f'efficientnetv2_{v}', v, 'symmetric', 1000)
+                  for v in ('s', 'm', 'l', 'xl', 'rw_t', 'rw_s', 'rw_m')]
                + [('tf_efficientnetv2_b3.in21k', 'b3', 'same', 21843)])
 
 
