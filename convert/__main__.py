@@ -50,11 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--layout', type=layout_name, metavar='{' + ','.join(layouts.NAMES) + '}',
                    help='source layout (default: detected); with --to-torch, the target layout '
                    '(seed is an alias of wzmiaomiao)')
-    p.add_argument('--variant', help='s, m, l, xl, b0..b3 (default: detected from shapes)')
+    p.add_argument('--variant', help='s, m, l, xl, b0..b3, or timm\'s rw_t, rw_s, rw_m '
+                   '(default: detected from shapes)')
     p.add_argument('--padding', choices=PADDINGS, help="default: 'same' for timm "
-                   "(its pretrained EfficientNetV2 weights are tf_*), else 'symmetric'")
+                   "(its pretrained EfficientNetV2 weights are tf_*; symmetric for its rw "
+                   "variants), else 'symmetric'")
     p.add_argument('--bn-eps', type=cli.positive_float,
-                   help='BatchNorm epsilon (default 1e-3; timm non-tf_ models use 1e-5)')
+                   help='BatchNorm epsilon (default 1e-3; 1e-5 for timm with symmetric padding)')
     p.add_argument('--ema', action='store_true', help='take the EMA weights of the checkpoint')
     p.add_argument('--format', choices=('msgpack', 'orbax'), default='msgpack',
                    help='Flax msgpack file (default) or an Orbax checkpoint directory')

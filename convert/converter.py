@@ -50,8 +50,10 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
     """Maps a torch state_dict onto Flax `{'params', 'batch_stats'}` plus the file metadata.
 
     Layout (a name or alias of `layouts.LAYOUTS`), variant and num_classes are detected unless
-    given; padding and BN eps default to the layout's. Strict: every tensor consumed, every leaf
-    filled, every shape checked, else `CheckpointError` naming the offending keys.
+    given; padding and BN eps default to those of the layout's models of that variant (timm: its
+    tf_ models, 'same' and 1e-3, except for the rw variants only its symmetric models have, and
+    1e-5 whenever the padding is symmetric). Strict: every tensor consumed, every leaf filled,
+    every shape checked, else `CheckpointError` naming the offending keys.
     """
     try:
         source = layouts.get_layout(layout) if layout else layouts.detect_layout(state_dict)
@@ -64,7 +66,8 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
     if report:
         raise CheckpointError(f'state_dict does not fit EfficientNetV2-{var.name.upper()} '
                               f'({source.name} layout): {report}')
-    padding = padding or source.padding
+    family = source.family(padding) if padding else source.default_family(var.name)
+    padding = padding or family.padding
     if padding not in PADDINGS:
         raise CheckpointError(f'padding must be one of {PADDINGS}, got {padding!r}')
     variables: dict = {'params': {}, 'batch_stats': {}}
@@ -75,7 +78,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
         node[e.flax_path[-1]] = layouts.torch_to_flax_array(state_dict[e.torch_key], e.axes)
     metadata = {
         'variant': var.name, 'num_classes': num_classes, 'padding': padding,
-        'bn_eps': source.bn_eps if bn_eps is None else float(bn_eps),
+        'bn_eps': family.bn_eps if bn_eps is None else float(bn_eps),
         'source_layout': source.name,
         'preprocessing': source.preprocessing(var, padding, num_classes),
     }

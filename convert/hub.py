@@ -135,13 +135,15 @@ def config(metadata: dict[str, Any]) -> dict[str, Any]:
     """The timm `config.json` of weights with this metadata: `read_folder` reads it back to the
     same model, eval transform and class names, and so does timm."""
     variant, padding, bn_eps = metadata['variant'], metadata['padding'], metadata['bn_eps']
-    # timm's tf_ architectures cover every variant; efficientnetv2_* only some, symmetric.
-    tf = padding == 'same' or variant not in layouts.TIMM.family('symmetric').variants
+    # The architecture whose padding the weights have where timm has it (tf_*: 'same'); else
+    # the other one, with pad_type: timm has no tf_ rw variants, and no symmetric B0-B3.
+    in_tf = variant in layouts.TIMM.family('same').variants
+    tf = in_tf and (padding == 'same' or variant not in layouts.TIMM.family('symmetric').variants)
     # bn_eps always: a reader that takes the default eps from the padding rather than from the
     # architecture would read a tf_ model with pad_type '' (still eps 1e-3 in timm) as 1e-5.
     model_args = {'num_classes': metadata['num_classes'], 'bn_eps': bn_eps}
     if padding != ('same' if tf else 'symmetric'):
-        model_args['pad_type'] = ''
+        model_args['pad_type'] = 'same' if padding == 'same' else ''
     spec = metadata.get('preprocessing') or layouts.TIMM.preprocessing(
         get_variant(variant), padding, metadata['num_classes'])
     out = {

@@ -69,6 +69,7 @@ class Family(NamedTuple):
     build: Callable  # (variant name, num_classes, bn_eps) -> torch.nn.Module
     default_preprocessing: Preprocessing
     preprocessing: dict = {}
+    bn_eps: float = 1e-3
 
 
 class Layout(NamedTuple):
@@ -84,12 +85,11 @@ class Layout(NamedTuple):
     # modules of one block, in the order of `block_parts`
     block_modules: Callable[[Stage, int, int, int], list[TorchModule]]
     families: tuple[Family, ...]  # the first is the default
-    bn_eps: float = 1e-3
 
-    @property
-    def padding(self) -> str:
-        """The padding assumed for this layout's weights unless told otherwise."""
-        return self.families[0].padding
+    def default_family(self, variant: str) -> Family:
+        """The family assumed for this layout's weights of `variant` unless told otherwise: the
+        first that has the variant (timm's rw variants exist only in its symmetric family)."""
+        return next((f for f in self.families if variant in f.variants), self.families[0])
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -242,7 +242,7 @@ TIMM = Layout(
         # rw_t/_s/_m (ra2_in1k, agc_in1k): the default, at their eval sizes 288/384/416.
         Family('symmetric', ('s', 'm', 'l', 'xl', 'rw_t', 'rw_s', 'rw_m'), _timm_builder(''),
                default_preprocessing=_shorter(None, 'bicubic', IMAGENET),
-               preprocessing={'m': _shorter(416, 'bicubic', IMAGENET)}),
+               preprocessing={'m': _shorter(416, 'bicubic', IMAGENET)}, bn_eps=1e-5),
     ))
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (WZMIAOMIAO, TORCHVISION, TIMM)}
