@@ -17,6 +17,7 @@ passed on every call. Why a wrapper and not native NNX modules: docs/nnx.md.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -86,26 +87,42 @@ def to_linen(model: EfficientNetV2) -> tuple[LinenEfficientNetV2, dict]:
     return model.module, model.linen_variables()
 
 
+@functools.lru_cache(maxsize=8)
+def _initialiser(module: LinenEfficientNetV2, only: str | None):
+    """A jitted `key -> module.init(...)`'s variables (from a 32 px image: shapes do not depend
+    on it), or only the params of the submodule `only`: jit then drops every other initialiser.
+    Cached per module, so that models of one architecture compile it once."""
+    images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    init = lambda key: module.init(key, images, train=False)
+    return jax.jit(init if only is None else lambda key: init(key)['params'][only])
+
+
 def create_model(name: str, num_classes: int = 1000, *, rngs: nnx.Rngs, **overrides
                  ) -> EfficientNetV2:
     """A freshly initialised model (parameters from `rngs.params()`); `name` and `overrides`
     as in `effnetv2_jax.create_model` (`dropout_rate`, `drop_path_rate`, `dtype`, `remat`,
     `features_only`, ...; `num_classes=0` for pooled features)."""
     module = create_linen_model(name, num_classes=num_classes, **overrides)
-    images = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    variables = jax.jit(lambda key: module.init(key, images, train=False))(rngs.params())
-    return from_linen(module, variables, rngs=rngs)
+    return from_linen(module, _initialiser(module, None)(rngs.params()), rngs=rngs)
 
 
 def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **overrides
          ) -> EfficientNetV2:
     """The model of a weights file or pretrained name (see `effnetv2_jax.checkpoint.read`),
-    `overrides` as in `create_model`; its metadata (eval transform, class names) is kept as
-    `model.metadata`. Like every NNX module it starts in training mode: call `model.eval()` to
-    predict."""
+    `overrides` as in `create_model`. Another `num_classes` keeps everything but the classifier,
+    which is initialised afresh from `rngs.params()` (none for 0: pooled features). The file's
+    metadata (eval transform, class names) is kept as `model.metadata`. Like every NNX module it
+    starts in training mode: call `model.eval()` to predict."""
     variables, metadata = checkpoint.read(path)
-    return from_linen(checkpoint.build_model(metadata, **overrides), variables, rngs=rngs,
-                      metadata=metadata)
+    module = checkpoint.build_model(metadata, **overrides)
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    if module.num_classes != metadata['num_classes']:
+        params = {k: v for k, v in variables['params'].items() if k != 'classifier'}
+        if module.num_classes:
+            params['classifier'] = _initialiser(module, 'classifier')(rngs.params())
+        variables = {**variables, 'params': params}
+        metadata = {k: v for k, v in metadata.items() if k != 'class_names'}
+    return from_linen(module, variables, rngs=rngs, metadata=metadata)
 
 
 def save(model: EfficientNetV2, path: str | os.PathLike, fmt: str = 'msgpack'):
