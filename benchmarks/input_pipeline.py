@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.throughput import machine
+from benchmarks.throughput import host
 
 PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry',
           'retina', 'stereo_motorcycle')
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--cases', nargs='+', default=list(CASES), metavar='SIZE:MAGNITUDE',
                    help='output size in pixels and RandAugment magnitude (2 layers)')
     p.add_argument('--images', type=Path, help='folder of JPEGs (default: sample photos)')
-    p.add_argument('--rounds', type=int, default=5, help='rounds (the median is reported)')
-    p.add_argument('--passes', type=int, default=4, help='passes over the images per round')
+    p.add_argument('--rounds', type=int, default=9, help='rounds (the median is reported)')
+    p.add_argument('--passes', type=int, default=8, help='passes over the images per round')
     p.add_argument('--cpu', type=int, help='CPU to pin to (default: the last one allowed)')
     p.add_argument('--output', type=Path, default=Path('benchmarks/results/input-pipeline'),
                    help='basename of the .json and .md results')
@@ -158,7 +158,8 @@ def markdown(report: dict) -> str:
               for r in report['results']}
     [ceiling] = [r['img_per_s'] for r in report['results'] if r['transform'] == 'decode']
     lines = [f"Train transform img/s on one core of {m['cpu']} ({report['images']}); "
-             f"Pillow {report['versions']['pillow']}, timm {report['versions']['timm']}; "
+             f"Pillow {report['versions']['pillow']} (libjpeg-turbo "
+             f"{report['versions']['libjpeg-turbo']}), timm {report['versions']['timm']}; "
              f"median of {c['rounds']} rounds of {c['passes']} passes.", '',
              f"`{report['command']}`", '',
              '| size | RandAugment | ours | timm | ours / timm |', '|---:|---:|---:|---:|---:|']
@@ -174,6 +175,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import PIL
     import timm
+    from PIL import features
     cpu = pin_to_one_core(args.cpu)
     argv = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,9 +191,10 @@ def main(argv=None) -> None:
                       'from scikit-image photos')
         results = measure(args, paths)
     report = {'command': shlex.join(['python', '-m', 'benchmarks.input_pipeline', *argv]),
-              'machine': {**machine('cpu'), 'pinned_cpu': cpu,
+              'machine': {**host(), 'pinned_cpu': cpu,
                           'load_average': os.getloadavg()},
               'versions': {'pillow': PIL.__version__, 'timm': timm.__version__,
+                           'libjpeg-turbo': features.version_feature('libjpeg_turbo'),
                            'numpy': np.__version__},
               'images': images,
               'config': {k: v for k, v in vars(args).items() if k not in ('output', 'images')},
