@@ -216,7 +216,8 @@ def receive(process) -> dict:
     raise RuntimeError(f'a benchmark worker died (exit status {process.wait()})')
 
 
-def machine(device: str) -> dict:
+def host() -> dict:
+    """Python's version, the CPU count and the CPU model."""
     info = {'python': platform.python_version(), 'cpus': os.cpu_count(),
             'cpu': platform.processor() or platform.machine()}
     try:
@@ -226,6 +227,11 @@ def machine(device: str) -> dict:
                 break
     except OSError:
         pass
+    return info
+
+
+def machine(device: str) -> dict:
+    info = host()
     versions = subprocess.run(
         [sys.executable, '-c', 'import jax, flax, torch; print(jax.__version__, flax.__version__, '
          'torch.__version__, jax.devices()[0].device_kind)'],

@@ -128,11 +128,13 @@ def normalize(images, spec: dict[str, Any]):
     return (images.astype(np.float32) / 255.0 - mean) / std
 
 
-def open_image(image: ImageLike) -> Image.Image:
+def open_image(image: ImageLike, decode: bool = True) -> Image.Image:
     """A PIL image from an `ImageLike`; ValueError with a one-line reason if it is unusable.
 
     A file of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (PIL's decompression-bomb limit,
-    89 478 485 by default; None lifts it) is refused before it is decoded.
+    89 478 485 by default; None lifts it) is refused before it is decoded. With `decode` False a
+    file is only opened (its header read: size, mode), for the caller to decode, e.g. at reduced
+    scale with `draft`, and close.
     """
     if isinstance(image, Image.Image):
         return image
@@ -141,9 +143,12 @@ def open_image(image: ImageLike) -> Image.Image:
             with warnings.catch_warnings():
                 # PIL only warns between 1 and 2 times the limit and refuses beyond: refuse both.
                 warnings.simplefilter('error', Image.DecompressionBombWarning)
-                with Image.open(image) as opened:
-                    opened.load()  # decode now, so that a truncated file fails here
-                    return opened
+                opened = Image.open(image)
+            if not decode:
+                return opened
+            with opened:
+                opened.load()  # decode now, so that a truncated file fails here
+                return opened
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ValueError(f'cannot read image {os.fspath(image)}: more than '
                              f'{Image.MAX_IMAGE_PIXELS} pixels, PIL\'s decompression-bomb limit '

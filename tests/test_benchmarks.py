@@ -53,6 +53,19 @@ def test_scaling_benchmark_measures_only_the_batches_a_device_count_divides(tmp_
     assert '| 2 | ' in table and '| 3 | - |' in table
 
 
+def test_input_pipeline_benchmark_times_ours_timm_and_the_decode_on_one_core(tmp_path):
+    output = tmp_path / 'input'
+    subprocess.run([sys.executable, '-m', 'benchmarks.input_pipeline', '--cases', '64:5',
+                    '--rounds', '2', '--passes', '1', '--output', str(output)],
+                   cwd=REPO, check=True, capture_output=True)
+    report = json.loads(Path(f'{output}.json').read_text())
+    assert [(r['transform'], r['size']) for r in report['results']] == [
+        ('decode', 0), ('ours', 64), ('timm', 64)]
+    assert all(len(r['img_per_s_rounds']) == 2 and r['img_per_s'] > 0
+               for r in report['results'])
+    assert '| 64 | 2 x 5 |' in Path(f'{output}.md').read_text()
+
+
 def run_memory_benchmark(*args):
     return subprocess.run([sys.executable, '-m', 'benchmarks.memory', '--cases', 'b0:32:1', *args],
                           cwd=REPO, capture_output=True, text=True)

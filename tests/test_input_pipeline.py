@@ -304,6 +304,63 @@ def test_normalize_works_on_numpy_and_under_jit():
     np.testing.assert_allclose(np.asarray(traced), expected, rtol=1e-6, atol=1e-6)
 
 
+# --- training transform ----------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def large_jpeg(tmp_path_factory):
+    """chelsea at 4x (1804 x 1200), JPEG quality 90."""
+    path = tmp_path_factory.mktemp('jpeg') / 'chelsea.jpg'
+    Image.fromarray(data.chelsea()).resize((1804, 1200), Image.Resampling.BICUBIC).save(
+        path, quality=90)
+    return str(path)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255 ** 2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def full_decode_transform(path: str, seed: int, settings: dict) -> np.ndarray:
+    """`train_transform` on the image decoded at full size first."""
+    rng = np.random.default_rng(seed)
+    crop = ip.random_resized_crop(ip.load_image(path), settings['image_size'],
+                                  (settings['min_scale'], 1.0), rng)
+    if settings['flip'] and rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(rand_augment(crop, settings['randaug_layers'],
+                                   settings['randaug_magnitude'], rng))
+
+
+def test_jpeg_crop_far_larger_than_the_output_is_decoded_at_reduced_scale(large_jpeg):
+    # min_scale 1: the crop is the image's 4:3 center, 1200 px high, over 8x the 64 px output:
+    # decoded at 1/8 scale (libjpeg's DCT scaling) and resized from 150 px.
+    settings = {**AUGMENTED, 'image_size': 64, 'min_scale': 1.0}
+    reduced = ip.train_transform(large_jpeg, np.random.default_rng(0), **settings)
+    np.testing.assert_array_equal(
+        reduced, ip.train_transform(large_jpeg, np.random.default_rng(0), **settings))
+    full = full_decode_transform(large_jpeg, 0, settings)
+    assert not np.array_equal(reduced, full)
+    # Other pixels, same picture: 53 dB here, where bilinear instead of bicubic resizing of the
+    # same crop gives 41 dB; 40 dB leaves room for other libjpeg builds.
+    assert psnr(reduced, full) > 40
+
+
+def test_crop_that_needs_the_full_resolution_equals_the_full_decode(large_jpeg, photo, tmp_path):
+    photo.save(tmp_path / 'photo.png')
+    for path, size in ((large_jpeg, 1024), (str(tmp_path / 'photo.png'), 12)):  # PNG: no draft
+        settings = {**AUGMENTED, 'image_size': size}
+        for seed in range(3):
+            np.testing.assert_array_equal(
+                ip.train_transform(path, np.random.default_rng(seed), **settings),
+                full_decode_transform(path, seed, settings))
+
+
+def test_truncated_jpeg_is_unreadable_for_the_training_transform(large_jpeg, tmp_path):
+    truncated = tmp_path / 'truncated.jpg'
+    with open(large_jpeg, 'rb') as f:
+        truncated.write_bytes(f.read()[:20_000])  # the header and the first rows
+    assert ip.train_transform(str(truncated), np.random.default_rng(0), **AUGMENTED) is None
+
+
 # --- RandAugment -----------------------------------------------------------------------------
 
 def test_rand_augment_magnitude_zero_is_identity(photo):

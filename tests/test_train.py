@@ -26,7 +26,7 @@ from train.__main__ import main as train_main
 from train.config import PRESETS, TrainConfig, parse_args
 from train.evaluation import evaluate
 from train.progressive import make_stages
-from train.report import Throughput
+from train.report import Throughput, data_wait_warning
 from train.trainer import StepConfig, make_optimizer
 
 # A few steps at one image size: enough to exercise a code path, cheap to compile.
@@ -179,8 +179,43 @@ def test_throughput_leaves_out_evaluation_time_and_the_compiling_window(monkeypa
     throughput.end_window(steps=1)
     with throughput.paused():
         pass
-    assert throughput.end_window(steps=10) == 10 * 8 / 4
+    assert throughput.end_window(steps=10)[0] == 10 * 8 / 4
     assert throughput.images_per_second == 10 * 8 / 4
+
+
+def test_data_wait_is_the_fraction_of_window_time_spent_getting_batches(monkeypatch):
+    clock = iter([0.0,  # start of the stage
+                  1.0, 3.0,  # 2 s getting the first batch (the input pipeline starts) ...
+                  10.0,  # ... of the first window's 10 s: left out of the run's fraction
+                  11.0, 12.0, 14.0, 15.0,  # 1 s + 1 s getting batches ...
+                  18.0])  # ... of the second window's 8 s
+    monkeypatch.setattr('train.report.time.time', lambda: next(clock))
+    throughput = Throughput(batch_size=8)
+    with throughput.waiting_for_data():
+        pass
+    assert throughput.end_window(steps=1)[1] == 0.2
+    for _ in range(2):
+        with throughput.waiting_for_data():
+            pass
+    assert throughput.end_window(steps=2)[1] == 0.25
+    assert throughput.data_wait == 0.25
+
+
+def test_data_wait_over_ten_percent_warns_to_raise_the_number_of_workers():
+    assert data_wait_warning(0.25, num_workers=2) == (
+        'warning: the training loop waited for data 25% of the time (over 10%): the input '
+        'pipeline is the bottleneck; raise --num-workers (now 2) to decode in more processes')
+    assert data_wait_warning(0.10, num_workers=2) is None
+    assert data_wait_warning(None, num_workers=0) is None  # no measured window
+
+
+def test_metrics_log_the_fraction_of_each_window_spent_waiting_for_data(tmp_path, digits):
+    workdir = tmp_path / 'run'
+    assert train_main(['--data-dir', digits, '--workdir', str(workdir), *SHORT]) == 0
+    rows = read_metrics(workdir)
+    waits = [r['data_wait'] for r in rows if 'train/loss' in r]
+    assert len(waits) == 3 and all(0 <= w <= 1 for w in waits)  # 0.2 epoch of 19 steps
+    assert 0 <= rows[-1]['summary']['data_wait'] <= 1
 
 
 def test_digits_default_reaches_90_percent(tmp_path, digits, capsys):

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     from train import loop
     from train.input_pipeline import DataError
+    from train.report import data_wait_warning
     try:
         if config.eval_only:
             result = loop.evaluate_weights(config)
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
               + (f', {summary["skipped_images"]} unreadable images skipped (each file once '
                  'per epoch that drew it)' if summary['skipped_images'] else '')
               + f'; weights {summary["weights"]}, curves {summary["plot"]}')
+        warning = data_wait_warning(summary['data_wait'], config.num_workers)
+        if warning:
+            print(warning, file=sys.stderr)
     return cli.EXIT_OK
 
 

@@ -126,11 +126,16 @@ def _decode(path: str) -> Image.Image:
     return to_rgb(open_image(path))  # the decompression-bomb limit, as at inference
 
 
-def load_image(path: str, warn: bool = True) -> Image.Image | None:
+def load_image(path: str, warn: bool = True, crop=None) -> Image.Image | None:
     """The decoded 'RGB' image, or None (logged if `warn`) when the file cannot be read or
-    decoded."""
+    decoded. `crop`, a function of the opened but not yet decoded image (as
+    `random_resized_crop`), decodes it instead and gives its result, so that only what the crop
+    needs is decoded."""
     try:
-        return _decode(path)
+        if crop is None:
+            return _decode(path)
+        with open_image(path, decode=False) as image:
+            return crop(image)
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "unreadable"
         if warn:
             log.warning('unreadable image %s: %s', path, e)
@@ -155,8 +160,25 @@ def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float
                         rng: np.random.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     """torchvision's RandomResizedCrop (10 tries, then a center crop of clamped aspect ratio),
-    resized bicubic to `size` x `size`."""
+    resized bicubic to an 'RGB' `size` x `size`.
+
+    `image` may be a file opened but not yet decoded (`open_image(path, decode=False)`): a JPEG
+    whose crop is at least twice `size` each way is then decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling, PIL's `draft`), the smallest that keeps the crop at least `size`, and
+    resized from there, which costs a fraction of the full decode and resize.
+    """
+    left, top, w, h = _crop_box(image.size, scale, ratio, rng)
     width, height = image.size
+    drafted = image.draft(None, (-(-width * size // w), -(-height * size // h)))
+    reduction = width / drafted[1][2] if drafted else 1  # the DCT scale's denominator
+    box = tuple(v / reduction for v in (left, top, left + w, top + h))
+    return to_rgb(image).resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def _crop_box(image_size: tuple[int, int], scale: tuple[float, float],
+              ratio: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's (left, top, width, height) in an image of `image_size`."""
+    width, height = image_size
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -176,15 +198,19 @@ def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float
         else:
             w, h = width, height
         top, left = (height - h) // 2, (width - w) // 2
-    return image.resize((size, size), Image.Resampling.BICUBIC,
-                        box=(left, top, left + w, top + h))
+    return left, top, w, h
 
 
-def train_transform(image: Image.Image, rng: np.random.Generator, *, image_size: int,
-                    min_scale: float, flip: bool, randaug_layers: int,
-                    randaug_magnitude: float) -> np.ndarray:
-    """Random-resized crop, optional horizontal flip, RandAugment: uint8 [size, size, 3]."""
-    image = random_resized_crop(image, image_size, (min_scale, 1.0), rng)
+def train_transform(path: str, rng: np.random.Generator, *, image_size: int, min_scale: float,
+                    flip: bool, randaug_layers: int, randaug_magnitude: float,
+                    warn: bool = True) -> np.ndarray | None:
+    """Random-resized crop (decoding only what it needs), optional horizontal flip, RandAugment
+    of the image at `path`: uint8 [size, size, 3], or None (logged if `warn`) when the file
+    cannot be read or decoded. A function of the file and of `rng`'s state."""
+    image = load_image(path, warn, functools.partial(
+        random_resized_crop, size=image_size, scale=(min_scale, 1.0), rng=rng))
+    if image is None:
+        return None
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(rand_augment(image, randaug_layers, randaug_magnitude, rng))
@@ -245,15 +271,14 @@ class _TrainBatch(_LocalBatch):
         for offset in range(MAX_SUBSTITUTIONS):
             epoch, k = divmod(position + offset, n)
             index = _epoch_permutation(self.seed, epoch, n)[k]
-            image = load_image(self.folder.paths[index], warn=offset == 0)
+            rng = np.random.default_rng([self.seed, _AUGMENT, self.stage, position])
+            image = self.transform(self.folder.paths[index], rng, warn=offset == 0)
             if image is not None:
                 break
         else:
             raise DataError(f'{MAX_SUBSTITUTIONS} unreadable images in a row in the training '
                             f'stream, the last {self.folder.paths[index]}')
-        rng = np.random.default_rng([self.seed, _AUGMENT, self.stage, position])
-        return {'image': self.transform(image, rng), 'label': self.folder.labels[index],
-                'skipped': int(offset > 0)}
+        return {'image': image, 'label': self.folder.labels[index], 'skipped': int(offset > 0)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,11 +211,13 @@ def _log_window(reporter: Reporter, step: int, window: MetricsWindow, throughput
     """Writes the window's averaged metrics and throughput, and advances the progress bar."""
     steps = len(window)
     metrics = window.pop_average()  # waits for the window's steps ...
-    rate = throughput.end_window(steps)  # ... before they are timed
-    reporter.write(step, {**metrics, 'train/images_per_second': rate, 'stage': stage.index,
-                          'image_size': stage.image_size, 'epoch': step / steps_per_epoch})
+    rate, data_wait = throughput.end_window(steps)  # ... before they are timed
+    reporter.write(step, {**metrics, 'train/images_per_second': rate, 'data_wait': data_wait,
+                          'stage': stage.index, 'image_size': stage.image_size,
+                          'epoch': step / steps_per_epoch})
     reporter.advance(steps, {'loss': f'{metrics["train/loss"]:.3f}',
-                             'lr': f'{metrics["train/lr"]:.2e}', 'img/s': f'{rate:.0f}'})
+                             'lr': f'{metrics["train/lr"]:.2e}', 'img/s': f'{rate:.0f}',
+                             'wait': f'{data_wait:.0%}'})
 
 
 def train_and_evaluate(config: TrainConfig) -> dict:
@@ -283,12 +285,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                        f'dropout {stage.dropout:.3g}, steps {stage.first_step}-{stage.last_step}')
         window = MetricsWindow()
         throughput.start_stage()  # its first window includes compiling the stage's step
+        in_flight = previous = None  # outputs of the last two steps dispatched
         while step < stage.last_step:
-            batch = next(data)
+            with throughput.waiting_for_data(previous):
+                batch = next(data)
             skipped_images += int(batch.pop('skipped').sum())
             state, metrics = step_fn(state, trainer.global_batch(mesh, batch))
             step += 1
             window.add(metrics)
+            previous, in_flight = in_flight, metrics
             last_of_stage = step == stage.last_step
             preempted = preemption.requested(step)
             if step % config.log_every == 0 or last_of_stage or preempted:
@@ -322,6 +327,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             'final_top1': last_eval[f'{saved}/top1'] if last_eval else None,
             'steps': step, 'seconds': time.time() - started,
             'images_per_second': throughput.images_per_second,
+            'data_wait': throughput.data_wait,
             'skipped_images': total_over_processes(skipped_images), 'weights': str(weights),
             'plot': str(plot)}
     reporter.write(step, {'summary': summary})

@@ -17,6 +17,7 @@ from train.config import ConfigError
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'curves.png'
+DATA_WAIT_LIMIT = 0.10  # beyond this fraction of the run waiting for data, the run says so
 
 
 def _is_metrics_log(path: Path) -> bool:
@@ -110,17 +111,33 @@ class MetricsWindow:
 
 
 class Throughput:
-    """Training images per second. A window is the time between log lines; the first window of
-    each stage (which compiles its step) and the time spent evaluating are left out of the run's
-    average."""
+    """Training images per second, and the fraction of the time the loop waits for its next
+    batch. A window is the time between log lines; the first window of each stage (which
+    compiles its step and starts the input pipeline) and the time spent evaluating are left out
+    of the run's averages."""
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
-        self.images, self.seconds = 0, 0.0
+        self.images, self.seconds, self.waited = 0, 0.0, 0.0
         self.start_stage()
 
     def start_stage(self):
-        self.window_start, self.compiling = time.time(), True
+        self.window_start, self.window_waited, self.compiling = time.time(), 0.0, True
+
+    @contextlib.contextmanager
+    def waiting_for_data(self, previous_step=None):
+        """Time spent inside the block (getting the next batch) is waiting for data.
+
+        `previous_step`, an output of the step before the one just dispatched, is waited for
+        first, untimed: the loop then runs at most one step ahead of the device, so a batch the
+        input pipeline had ready in time counts as no wait, however far ahead the loop could
+        otherwise have run while the device was busy."""
+        jax.block_until_ready(previous_step)
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.window_waited += time.time() - start
 
     @contextlib.contextmanager
     def paused(self):
@@ -132,21 +149,40 @@ class Throughput:
         finally:
             self.window_start += time.time() - start
 
-    def end_window(self, steps: int) -> float:
-        """Closes a window of `steps` steps; returns its img/s (compilation included)."""
+    def end_window(self, steps: int) -> tuple[float, float]:
+        """Closes a window of `steps` steps; returns its img/s and the fraction of its time spent
+        waiting for data (compilation included)."""
         now = time.time()
         seconds = now - self.window_start
         if not self.compiling:
             self.images += steps * self.batch_size
             self.seconds += seconds
+            self.waited += self.window_waited
+        waited = self.window_waited / seconds
         self.compiling = False
-        self.window_start = now
-        return steps * self.batch_size / seconds
+        self.window_start, self.window_waited = now, 0.0
+        return steps * self.batch_size / seconds, waited
 
     @property
     def images_per_second(self) -> float | None:
         """The run's average over its measured windows (None when there were none)."""
         return self.images / self.seconds if self.seconds else None
+
+    @property
+    def data_wait(self) -> float | None:
+        """The fraction of the measured windows' time spent waiting for data (None when there
+        were none)."""
+        return self.waited / self.seconds if self.seconds else None
+
+
+def data_wait_warning(data_wait: float | None, num_workers: int) -> str | None:
+    """The end-of-run line when the loop waited for data more than `DATA_WAIT_LIMIT` of the
+    time, else None."""
+    if data_wait is None or data_wait <= DATA_WAIT_LIMIT:
+        return None
+    return (f'warning: the training loop waited for data {data_wait:.0%} of the time (over '
+            f'{DATA_WAIT_LIMIT:.0%}): the input pipeline is the bottleneck; raise --num-workers '
+            f'(now {num_workers}) to decode in more processes')
 
 
 def plot_curves(workdir: str) -> Path | None:
