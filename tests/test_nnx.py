@@ -8,6 +8,7 @@ model runs the linen module's own computation, so only XLA's fusion decisions ma
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -250,7 +251,7 @@ def run(mesh):
         nnx.update((model, optimizer), jax.tree.map(
             lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs))
         images, labels = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (images, labels))
-    losses = [float(step(model, optimizer, images, labels)) for _ in range(2)]
+    losses = [float(step(model, optimizer, images, labels))]
     kernel = model.params['stem']['conv']['kernel'].get_value()
     return losses, np.asarray(kernel), len(kernel.sharding.device_set)
 
@@ -258,7 +259,7 @@ single = run(None)
 sharded = run(Mesh(np.array(jax.devices()), ('data',)))
 np.testing.assert_allclose(sharded[0], single[0], rtol=1e-5)
 # Data parallel: BatchNorm and the gradients sum per-device partial sums, in another order;
-# measured 1.9e-5 of max |kernel| 0.26 (7e-5 of it) after two steps.
+# measured 1.9e-5 of max |kernel| 0.26 (7e-5 of it) after two steps, less after one.
 np.testing.assert_allclose(sharded[1], single[1], rtol=0, atol=1e-3 * np.abs(single[1]).max())
 print(len(jax.devices()), sharded[2])
 """
@@ -272,3 +273,15 @@ def test_sharded_state_trains_as_on_one_device():
                             text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ['4', '4']  # 4 devices, the state on all of them
+
+
+def test_finetune_example_learns_the_digits():
+    spec = importlib.util.spec_from_file_location(
+        'nnx_finetune', Path(__file__).parent.parent / 'examples' / 'nnx_finetune.py')
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(['--steps', '40', '--batch-size', '32'])
+    # 40 steps from random weights: the loss falls (2.3 -> ~1.1), but the running statistics
+    # are not settled yet, so the eval accuracy is not meaningful (the default 300 steps are).
+    assert np.mean(result['losses'][-10:]) < 0.8 * np.mean(result['losses'][:10])
+    assert 0 <= result['accuracy'] <= 1
