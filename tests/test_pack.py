@@ -108,6 +108,36 @@ def test_a_bad_command_line_is_a_one_line_error(capsys):
     assert 'expected a positive integer' in assert_one_line_error(capsys.readouterr().err)
 
 
+def remove_a_shard(packed: Path):
+    (packed / 'val-00000-of-00001.array_record').unlink()
+
+
+def truncate_a_shard(packed: Path):
+    shard = packed / 'train-00000-of-00001.array_record'
+    shard.write_bytes(shard.read_bytes()[:70_000])
+
+
+def misspell_the_description(packed: Path):
+    info = json.loads((packed / records.DATASET_FILE).read_text())
+    info['splits']['train']['class_counts'] = [1]
+    (packed / records.DATASET_FILE).write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize('damage, message', [
+        (remove_a_shard, 'cannot read the val shards'),
+        (truncate_a_shard, 'cannot read the train shards'),
+        (misspell_the_description, 'the class counts of split train do not match'),
+])
+def test_damaged_packed_folder_is_a_one_line_error_before_training(
+        digits, tmp_path, capsys, damage, message):
+    packed = Path(pack(digits, tmp_path / 'packed', '--shards', '1'))
+    damage(packed)
+    capsys.readouterr()
+    assert train_main(['--data-dir', str(packed), '--workdir', str(tmp_path / 'run')]) == 2
+    assert message in assert_one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / 'run').exists()
+
+
 def test_packing_again_replaces_a_packed_folder(digits, tmp_path):
     out = pack(Path(digits) / 'val', tmp_path / 'out', '--shards', '2')
     pack(Path(digits) / 'val', out, '--shards', '1')

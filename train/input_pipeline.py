@@ -124,19 +124,26 @@ class PackedImages(ImageSource):
 
 
 def read_packed(root: str) -> dict[str, PackedImages]:
-    """The splits of a `python -m train.pack` folder (a local path, or `gs://` ...), by name."""
+    """The splits of a `python -m train.pack` folder (a local path, or `gs://` ...), by name.
+    Opens every shard once: a missing, truncated or foreign one is a `DataError` now rather
+    than in the middle of a run."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource
     try:
         info = records.read_info(root)
     except (OSError, ValueError) as e:
         raise DataError(first_line(e)) from None
-    class_names = tuple(info['class_names'])
     splits = {}
     for name, split in info['splits'].items():
         labels = records.split_labels(split)
-        splits[name] = PackedImages(
-                f'{root.rstrip("/")}/{name}', ArrayRecordDataSource(records.shard_paths(root, split)),
-                labels, class_names, np.arange(len(labels)))
+        try:
+            source = ArrayRecordDataSource(records.shard_paths(root, split))
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: array_record's reader
+            raise DataError(f'cannot read the {name} shards of {root}: {first_line(e)}') from None
+        if len(source) != len(labels):
+            raise DataError(f'the {name} shards of {root} hold {len(source)} records, its '
+                            f'{records.DATASET_FILE} says {len(labels)}')
+        splits[name] = PackedImages(f'{root.rstrip("/")}/{name}', source, labels,
+                                    tuple(info['class_names']), np.arange(len(labels)))
     return splits
 
 
@@ -190,10 +197,7 @@ def _given_splits(data_dir: str) -> tuple[ImageSource, ImageSource | None]:
 def _is_packed(data_dir: str) -> bool:
     try:
         return records.is_packed(data_dir)
-    except ImportError as e:  # epath opens gs:// through gcsfs (or TensorFlow)
-        raise DataError(f'cannot open {data_dir}: {first_line(e)} (pip install gcsfs for '
-                        'gs://)') from None
-    except OSError as e:
+    except (ImportError, OSError) as e:  # ImportError: epath opens gs:// through gcsfs or TF
         raise DataError(f'cannot open {data_dir}: {first_line(e)}') from None
 
 

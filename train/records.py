@@ -93,10 +93,8 @@ def split_labels(split: dict) -> np.ndarray:
 
 
 def shard_paths(root: str, split: dict) -> list[str]:
-    """The split's shards as array_record read instructions, 'PATH[0:COUNT]', so that nothing is
-    opened before it is read."""
-    return [f'{epath.Path(root) / shard["file"]}[0:{shard["records"]}]'
-            for shard in split['shards']]
+    """The paths of a split's shards, in record order."""
+    return [str(epath.Path(root) / shard['file']) for shard in split['shards']]
 
 
 def _recognise(path) -> bool:
