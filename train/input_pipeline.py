@@ -324,7 +324,8 @@ def train_transform(path: str | BinaryIO, rng: np.random.Generator, *, image_siz
                     warn: bool = True) -> np.ndarray | None:
     """Random-resized crop (decoding only what it needs), optional horizontal flip, RandAugment
     of the image at `path` (an `ImageSource.image_file`): uint8 [size, size, 3], or None (logged
-    if `warn`) when the file cannot be read or decoded. A function of the file and of `rng`'s state."""
+    if `warn`) when the file cannot be read or decoded. A function of the file and of `rng`'s
+    state."""
     image = load_image(path, warn, functools.partial(
         random_resized_crop, size=image_size, scale=(min_scale, 1.0), rng=rng))
     if image is None:
