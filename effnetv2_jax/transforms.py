@@ -6,11 +6,12 @@
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 from PIL import Image
@@ -21,8 +22,9 @@ from PIL import Image
 IMAGENET_NORMALISATION = {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}
 HALF_NORMALISATION = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
 
-# What `preprocess` accepts as one image: a PIL image, a uint8 array [H, W, 3] or [H, W], or a path.
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+# What `preprocess` accepts as one image: a PIL image, a uint8 array [H, W, 3] or [H, W], a path,
+# or a binary file object holding an encoded image (io.BytesIO of a file's bytes).
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, BinaryIO]
 
 SPEC_KEYS = ('size', 'resize', 'crop_pct', 'interpolation', 'mean', 'std')
 
@@ -138,7 +140,9 @@ def open_image(image: ImageLike, decode: bool = True) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, io.IOBase)):
+        name = (os.fspath(image) if isinstance(image, (str, os.PathLike))
+                else getattr(image, 'name', 'from a file object'))
         try:
             with warnings.catch_warnings():
                 # PIL only warns between 1 and 2 times the limit and refuses beyond: refuse both.
@@ -150,11 +154,11 @@ def open_image(image: ImageLike, decode: bool = True) -> Image.Image:
                 opened.load()  # decode now, so that a truncated file fails here
                 return opened
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ValueError(f'cannot read image {os.fspath(image)}: more than '
+            raise ValueError(f'cannot read image {name}: more than '
                              f'{Image.MAX_IMAGE_PIXELS} pixels, PIL\'s decompression-bomb limit '
                              '(PIL.Image.MAX_IMAGE_PIXELS)') from None
         except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f'cannot read image {os.fspath(image)}: {e}') from None
+            raise ValueError(f'cannot read image {name}: {e}') from None
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
             array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):

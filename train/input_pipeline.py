@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import math
 import os
 import sys
+from typing import Any, BinaryIO
 
 import grain
 import numpy as np
@@ -27,6 +29,7 @@ from PIL import Image
 
 from effnetv2_jax.cli import first_line
 from effnetv2_jax.transforms import eval_transform, open_image, to_rgb
+from train import records
 from train.randaugment import rand_augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -44,8 +47,34 @@ class DataError(Exception):
     """A problem with the user's data or data settings; the message is one line."""
 
 
+class ImageSource:
+    """What the pipeline reads: `len(source)` encoded images, their int32 `labels` [N] indexing
+    `class_names`, and `root` to name the source in messages. Subclasses are frozen dataclasses,
+    so grain can pickle them into its worker processes."""
+    root: str
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def subset(self, indices) -> ImageSource:
+        """The images at `indices`, same classes."""
+        raise NotImplementedError
+
+    def image_file(self, index: int) -> str | BinaryIO:
+        """What `open_image` decodes for image `index`: a path, or a binary file whose `name` is
+        the image's name for messages (`image_name`)."""
+        raise NotImplementedError
+
+
+def image_name(file: str | BinaryIO) -> str:
+    """The name of an `ImageSource.image_file` for messages."""
+    return getattr(file, 'name', file)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class ImageFolder:
+class ImageFolder(ImageSource):
     """Images and labels of a class-per-subfolder tree; labels index the sorted class names."""
     root: str
     paths: tuple[str, ...]
@@ -56,10 +85,66 @@ class ImageFolder:
         return len(self.paths)
 
     def subset(self, indices) -> ImageFolder:
-        """The images at `indices`, same classes."""
         indices = np.asarray(indices, np.int64)
-        return ImageFolder(self.root, tuple(self.paths[i] for i in indices),
-                           self.labels[indices], self.class_names)
+        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in indices),
+                                   labels=self.labels[indices])
+
+    def image_file(self, index: int) -> str:
+        return self.paths[index]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedImages(ImageSource):
+    """One split of a `python -m train.pack` folder (train/records.py): the image of position i
+    is record `indices[i]` of `records`."""
+    root: str  # the split, 'OUT/train', for messages
+    records: Any  # random access to the encoded records: array_record's ArrayRecordDataSource
+    labels: np.ndarray  # int32 [N]
+    class_names: tuple[str, ...]
+    indices: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices) -> PackedImages:
+        indices = np.asarray(indices, np.int64)
+        return dataclasses.replace(self, labels=self.labels[indices],
+                                   indices=self.indices[indices])
+
+    def image_file(self, index: int) -> io.BytesIO:
+        number = int(self.indices[index])
+        try:
+            record = records.decode_record(self.records[number])
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: array_record's reader
+            raise DataError(f'cannot read record {number} of {self.root}: {first_line(e)}'
+                            ) from None
+        file = io.BytesIO(record['image'])
+        file.name = f'{self.root}/{record["name"]}'
+        return file
+
+
+def read_packed(root: str) -> dict[str, PackedImages]:
+    """The splits of a `python -m train.pack` folder (a local path, or `gs://` ...), by name.
+    Opens every shard once: a missing, truncated or foreign one is a `DataError` now rather
+    than in the middle of a run."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    try:
+        info = records.read_info(root)
+    except (OSError, ValueError) as e:
+        raise DataError(first_line(e)) from None
+    splits = {}
+    for name, split in info['splits'].items():
+        labels = records.split_labels(split)
+        try:
+            source = ArrayRecordDataSource(records.shard_paths(root, split))
+        except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: array_record's reader
+            raise DataError(f'cannot read the {name} shards of {root}: {first_line(e)}') from None
+        if len(source) != len(labels):
+            raise DataError(f'the {name} shards of {root} hold {len(source)} records, its '
+                            f'{records.DATASET_FILE} says {len(labels)}')
+        splits[name] = PackedImages(f'{root.rstrip("/")}/{name}', source, labels,
+                                    tuple(info['class_names']), np.arange(len(labels)))
+    return splits
 
 
 def scan_image_folder(root: str) -> ImageFolder:
@@ -85,27 +170,59 @@ def scan_image_folder(root: str) -> ImageFolder:
     return ImageFolder(root, tuple(paths), np.asarray(labels, np.int32), class_names)
 
 
+def _given_splits(data_dir: str) -> tuple[ImageSource, ImageSource | None]:
+    """(train, val or None) as `data_dir` holds them: a packed folder's splits, or its `train/`
+    and `val/` folders when `train/` exists, else `data_dir` as one class tree."""
+    if _is_packed(data_dir):
+        splits = read_packed(data_dir)
+        return splits['train'], splits.get('val')
+    if '://' in data_dir:
+        raise DataError(f'{data_dir} has no {records.DATASET_FILE}: only packed folders '
+                        '(python -m train.pack) are read from a URI')
+    train_dir, val_dir = os.path.join(data_dir, 'train'), os.path.join(data_dir, 'val')
+    if not os.path.isdir(train_dir):
+        return scan_image_folder(data_dir), None
+    train = scan_image_folder(train_dir)
+    if not os.path.isdir(val_dir):
+        return train, None
+    val = scan_image_folder(val_dir)
+    if val.class_names != train.class_names:
+        only_train = sorted(set(train.class_names) - set(val.class_names))
+        only_val = sorted(set(val.class_names) - set(train.class_names))
+        raise DataError(f'class folders of {val_dir} and {train_dir} differ: only in '
+                        f'train {only_train[:5]}, only in val {only_val[:5]}')
+    return train, val
+
+
+def _is_packed(data_dir: str) -> bool:
+    try:
+        return records.is_packed(data_dir)
+    except (ImportError, OSError) as e:  # ImportError: epath opens gs:// through gcsfs or TF
+        raise DataError(f'cannot open {data_dir}: {first_line(e)}') from None
+
+
+def eval_split(data_dir: str) -> ImageSource:
+    """What `--eval-only` evaluates: the val split of `data_dir` (packed or a `val/` folder) if
+    it has one, else all of it (a packed train split, or one class tree)."""
+    if _is_packed(data_dir):
+        splits = read_packed(data_dir)
+        return splits.get('val', splits['train'])
+    val_dir = os.path.join(data_dir, 'val')
+    return scan_image_folder(val_dir if os.path.isdir(val_dir) else data_dir)
+
+
 def find_splits(data_dir: str, val_split: float = 0.0,
-                seed: int = 0) -> tuple[ImageFolder, ImageFolder | None]:
-    """(train, val) of `data_dir`: its `train/` and `val/` folders when `train/` exists, else
-    `data_dir` as one class tree. Without a `val/` folder, `val_split` in (0, 1) holds out that
-    fraction of every class (seeded; each class keeps at least one training image); val is None
-    when `val_split` is 0 or holds out nothing."""
+                seed: int = 0) -> tuple[ImageSource, ImageSource | None]:
+    """(train, val) of `data_dir`: a `python -m train.pack` folder's splits, or its `train/` and
+    `val/` folders when `train/` exists, else `data_dir` as one class tree. Without a val split,
+    `val_split` in (0, 1) holds out that fraction of every class (seeded; each class keeps at
+    least one training image); val is None when `val_split` is 0 or holds out nothing. A packed
+    folder gives the same splits as the folder it was packed from."""
     if not 0 <= val_split < 1:
         raise DataError(f'val_split must be in [0, 1), got {val_split}')
-    train_dir, val_dir = os.path.join(data_dir, 'train'), os.path.join(data_dir, 'val')
-    if os.path.isdir(train_dir):
-        train = scan_image_folder(train_dir)
-        if os.path.isdir(val_dir):
-            val = scan_image_folder(val_dir)
-            if val.class_names != train.class_names:
-                only_train = sorted(set(train.class_names) - set(val.class_names))
-                only_val = sorted(set(val.class_names) - set(train.class_names))
-                raise DataError(f'class folders of {val_dir} and {train_dir} differ: only in '
-                                f'train {only_train[:5]}, only in val {only_val[:5]}')
-            return train, val
-    else:
-        train = scan_image_folder(data_dir)
+    train, val = _given_splits(data_dir)
+    if val is not None:
+        return train, val
     if val_split == 0:
         return train, None
     held_out = []
@@ -122,37 +239,38 @@ def find_splits(data_dir: str, val_split: float = 0.0,
     return train.subset(train_indices), train.subset(val_indices)
 
 
-def _decode(path: str) -> Image.Image:
-    return to_rgb(open_image(path))  # the decompression-bomb limit, as at inference
+def _decode(file) -> Image.Image:
+    return to_rgb(open_image(file))  # the decompression-bomb limit, as at inference
 
 
-def load_image(path: str, warn: bool = True, crop=None) -> Image.Image | None:
-    """The decoded 'RGB' image, or None (logged if `warn`) when the file cannot be read or
-    decoded. `crop`, a function of the opened but not yet decoded image (as
-    `random_resized_crop`), decodes it instead and gives its result, so that only what the crop
-    needs is decoded."""
+def load_image(file: str | BinaryIO, warn: bool = True, crop=None) -> Image.Image | None:
+    """The decoded 'RGB' image of `file` (an `ImageSource.image_file`), or None (logged if
+    `warn`) when it cannot be read or decoded. `crop`, a function of the opened but not yet
+    decoded image (as `random_resized_crop`), decodes it instead and gives its result, so that
+    only what the crop needs is decoded."""
     try:
         if crop is None:
-            return _decode(path)
-        with open_image(path, decode=False) as image:
+            return _decode(file)
+        with open_image(file, decode=False) as image:
             return crop(image)
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "unreadable"
         if warn:
-            log.warning('unreadable image %s: %s', path, e)
+            log.warning('unreadable image %s: %s', image_name(file), e)
         return None
 
 
-def require_readable(folder: ImageFolder):
-    """Raises `DataError` unless some image of `folder` decodes; reads only up to the first that
-    does, so a usable folder costs one decode."""
+def require_readable(source: ImageSource):
+    """Raises `DataError` unless some image of `source` decodes; reads only up to the first that
+    does, so a usable source costs one decode."""
     first_failure = None
-    for path in folder.paths:
+    for index in range(len(source)):
+        file = source.image_file(index)
         try:
-            _decode(path)
+            _decode(file)
             return
         except Exception as e:  # noqa: BLE001 -- as in load_image
-            first_failure = first_failure or f'{path}: {first_line(e)}'
-    raise DataError(f'none of the {len(folder)} images in {folder.root} can be read '
+            first_failure = first_failure or f'{image_name(file)}: {first_line(e)}'
+    raise DataError(f'none of the {len(source)} images in {source.root} can be read '
                     f'({first_failure})')
 
 
@@ -201,12 +319,13 @@ def _crop_box(image_size: tuple[int, int], scale: tuple[float, float],
     return left, top, w, h
 
 
-def train_transform(path: str, rng: np.random.Generator, *, image_size: int, min_scale: float,
-                    flip: bool, randaug_layers: int, randaug_magnitude: float,
+def train_transform(path: str | BinaryIO, rng: np.random.Generator, *, image_size: int,
+                    min_scale: float, flip: bool, randaug_layers: int, randaug_magnitude: float,
                     warn: bool = True) -> np.ndarray | None:
     """Random-resized crop (decoding only what it needs), optional horizontal flip, RandAugment
-    of the image at `path`: uint8 [size, size, 3], or None (logged if `warn`) when the file
-    cannot be read or decoded. A function of the file and of `rng`'s state."""
+    of the image at `path` (an `ImageSource.image_file`): uint8 [size, size, 3], or None (logged
+    if `warn`) when the file cannot be read or decoded. A function of the file and of `rng`'s
+    state."""
     image = load_image(path, warn, functools.partial(
         random_resized_crop, size=image_size, scale=(min_scale, 1.0), rng=rng))
     if image is None:
@@ -257,7 +376,7 @@ class _LocalBatch:
 @dataclasses.dataclass(frozen=True)
 class _TrainBatch(_LocalBatch):
     """Augmented training rows of the global stream."""
-    folder: ImageFolder
+    folder: ImageSource
     layout: _Layout
     seed: int
     stage: int
@@ -272,19 +391,19 @@ class _TrainBatch(_LocalBatch):
             epoch, k = divmod(position + offset, n)
             index = _epoch_permutation(self.seed, epoch, n)[k]
             rng = np.random.default_rng([self.seed, _AUGMENT, self.stage, position])
-            image = self.transform(self.folder.paths[index], rng, warn=offset == 0)
+            image = self.transform(self.folder.image_file(index), rng, warn=offset == 0)
             if image is not None:
                 break
         else:
             raise DataError(f'{MAX_SUBSTITUTIONS} unreadable images in a row in the training '
-                            f'stream, the last {self.folder.paths[index]}')
+                            f'stream, the last {image_name(self.folder.image_file(index))}')
         return {'image': image, 'label': self.folder.labels[index], 'skipped': int(offset > 0)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _EvalBatch(_LocalBatch):
     """Eval rows in folder order; positions past the data are masked padding."""
-    folder: ImageFolder
+    folder: ImageSource
     layout: _Layout
     spec: dict
 
@@ -294,7 +413,7 @@ class _EvalBatch(_LocalBatch):
         if position >= len(self.folder):
             return blank
         label = self.folder.labels[position]
-        image = load_image(self.folder.paths[position])
+        image = load_image(self.folder.image_file(position))
         if image is None:
             return {**blank, 'label': label, 'skipped': 1}
         return {'image': eval_transform(image, self.spec), 'label': label, 'mask': 1.0,
@@ -314,7 +433,7 @@ def _batches(make_batch, steps: range, num_workers: int) -> grain.IterDataset:
     return ds
 
 
-def train_dataset(folder: ImageFolder, *, global_batch_size: int, image_size: int,
+def train_dataset(folder: ImageSource, *, global_batch_size: int, image_size: int,
                   randaug_layers: int, randaug_magnitude: float, seed: int, stage: int = 0,
                   process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                   min_scale: float = 0.08, flip: bool = True,
@@ -335,12 +454,12 @@ def train_dataset(folder: ImageFolder, *, global_batch_size: int, image_size: in
     return _batches(make_batch, range(start_step, sys.maxsize), num_workers)
 
 
-def num_eval_batches(folder: ImageFolder, global_batch_size: int) -> int:
+def num_eval_batches(folder: ImageSource, global_batch_size: int) -> int:
     """Global eval batches covering every image once: ceil(N / global_batch_size)."""
     return -(-len(folder) // global_batch_size)
 
 
-def eval_dataset(folder: ImageFolder, *, global_batch_size: int, spec: dict,
+def eval_dataset(folder: ImageSource, *, global_batch_size: int, spec: dict,
                  process_index: int = 0, process_count: int = 1,
                  num_workers: int = 0) -> grain.IterDataset:
     """Every image exactly once, in folder order, as `num_eval_batches` local batches: 'image'

@@ -7,6 +7,7 @@ with the same parameters as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -361,9 +362,7 @@ def evaluate_weights(config: TrainConfig) -> dict:
     are over the 'images' that could be read, 'skipped_images' counts the others."""
     if not config.init:
         raise ConfigError('--eval-only needs --init WEIGHTS')
-    data_dir = Path(_data_dir(config))
-    folder = input_pipeline.scan_image_folder(
-            data_dir / 'val' if (data_dir / 'val').is_dir() else data_dir)
+    folder = input_pipeline.eval_split(_data_dir(config))
     input_pipeline.require_readable(folder)
     variables, metadata = _read_init(config.init)
     names = metadata.get('class_names') or [str(i) for i in range(metadata['num_classes'])]
@@ -371,10 +370,9 @@ def evaluate_weights(config: TrainConfig) -> dict:
     if unknown:
         raise input_pipeline.DataError(
                 f'{folder.root}: classes {unknown[:5]} are not among the weights\' classes')
-    folder = input_pipeline.ImageFolder(
-            folder.root, folder.paths,
-            np.array([names.index(folder.class_names[i]) for i in folder.labels], np.int32),
-            tuple(names))
+    folder = dataclasses.replace(
+            folder, class_names=tuple(names),
+            labels=np.array([names.index(folder.class_names[i]) for i in folder.labels], np.int32))
     model = checkpoint.build_model(metadata, dtype=jnp.dtype(config.dtype))
     spec = metadata.get('preprocessing') or _eval_spec(config, model.variant, None)
     if config.eval_image_size:
