@@ -19,6 +19,7 @@ from effnetv2_jax.export import main as export_main
 from effnetv2_jax.predict import main as predict_main
 from helpers import SMALL_METADATA, assert_one_line_error, snapshot, write_unchecked_weights
 from train.__main__ import main as train_main
+from train.pack import main as pack_main
 
 
 
@@ -108,6 +109,22 @@ MISTAKES = {  # id: (command, argv, what the error line says)
                      '--workdir', 'run'], 'expected float32[1000]'),
     'predict-top-k-0': (
         predict_main, ['photos/cat/0.png', '--weights', 'w.msgpack', '--top-k', '0'], '--top-k'),
+    'convert-save-pretrained-over-a-users-folder': (
+        convert_main, ['w.msgpack', '--save-pretrained', 'photos'], 'photos exists and is not'),
+    'convert-push-without-save-pretrained': (
+        convert_main, ['w.msgpack', '--push-to-hub', 'me/b0'], '--push-to-hub needs'),
+    'convert-variant-for-a-weights-file': (
+        convert_main, ['w.msgpack', '--variant', 's', '-o', 'out.msgpack'],
+        '--variant read PyTorch checkpoints'),
+    'export-onnx-over-a-users-file': (
+        export_main, ['w.msgpack', '--format', 'onnx', '-o', 'mine.txt'],
+        'mine.txt exists and is not'),
+    'train-save-pretrained-over-a-users-folder': (
+        train_main, ['--data-dir', 'photos', '--workdir', 'run', '--save-pretrained', 'photos'],
+        'photos'),
+    'pack-output-over-a-users-file': (pack_main, ['photos', 'mine.txt'], 'mine.txt'),
+    'pack-output-inside-the-input': (pack_main, ['photos', 'photos/packed'], 'photos'),
+    'pack-missing-folder': (pack_main, ['nowhere', 'packed'], 'nowhere'),
 }
 
 
