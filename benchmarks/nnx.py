@@ -20,15 +20,12 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-jax.config.update('jax_enable_compilation_cache', False)  # each model compiles for itself
-
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from effnetv2_jax import nnx as effnet_nnx  # noqa: E402
-from effnetv2_jax.model import create_model  # noqa: E402
+from effnetv2_jax import nnx as effnet_nnx
+from effnetv2_jax.model import create_model
 
 MODELS = ('linen', 'nnx', 'nnx-split')
 TX = optax.sgd(0.01, momentum=0.9)
@@ -165,6 +162,7 @@ def main():
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--calls', type=int, default=3)
     args = p.parse_args()
+    jax.config.update('jax_enable_compilation_cache', False)  # each model compiles for itself
     print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores; '
           f'load average {os.getloadavg()}', flush=True)
     rows = []

@@ -90,3 +90,11 @@ def test_memory_benchmark_for_an_h200_plans_with_the_cuda_plugin_or_says_how_to_
         assert result.returncode == 0, result.stderr
         assert 'NVIDIA H200 (compile only)' in result.stdout
         assert '| B0 | 32 | 1 | yes |' in result.stdout
+
+
+def test_nnx_benchmark_times_linen_and_both_nnx_styles_against_linen():
+    from benchmarks import nnx as nnx_benchmark
+    rows = nnx_benchmark.measure('b0', 32, 2, ['linen', 'nnx', 'nnx-split'], ['infer'],
+                                 rounds=1, calls=1)
+    assert [row[2] for row in rows] == ['linen', 'nnx', 'nnx-split']
+    assert rows[0][6] == 1.0 and all(row[3] > 0 and row[7] > 0 for row in rows)
