@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
+
+from helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,11 +74,15 @@ def run_memory_benchmark(*args):
                           cwd=REPO, capture_output=True, text=True)
 
 
-def test_memory_benchmark_plans_the_train_step_with_and_without_remat():
-    result = run_memory_benchmark()
+def test_memory_benchmark_plans_the_train_step_with_and_without_remat(tmp_path):
+    result = run_memory_benchmark('--output', str(tmp_path / 'memory'))
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith('| B0 | 32 | 1 |')]
     assert [row.split(' | ')[3] for row in rows] == ['no', 'yes']
+    report = json.loads((tmp_path / 'memory.json').read_text())
+    assert [r['remat'] for r in report['results']] == [False, True]
+    assert all(r['temp'] > 0 and r['total'] > r['state'] > 0 for r in report['results'])
+    assert rows == (tmp_path / 'memory.md').read_text().splitlines()[4:6]
 
 
 def test_memory_benchmark_for_an_h200_plans_with_the_cuda_plugin_or_says_how_to_get_it():
@@ -98,3 +105,31 @@ def test_nnx_benchmark_times_linen_and_both_nnx_styles_against_linen():
                                  rounds=1, calls=1)
     assert [row[2] for row in rows] == ['linen', 'nnx', 'nnx-split']
     assert rows[0][6] == 1.0 and all(row[3] > 0 and row[7] > 0 for row in rows)
+
+
+def test_tpu_targets_are_googles_accelerator_types_as_libtpu_topologies():
+    from benchmarks.memory import tpu_target
+    # v5e counts chips (one TensorCore each); v4 and v5p count TensorCores, two a chip.
+    assert tpu_target('tpu-v5e-8')[1:] == ('v5e:2x4', 'default', 8, 16)
+    assert tpu_target('tpu-v5e-256')[1:] == ('v5e:16x16', 'default', 256, 16)
+    assert tpu_target('tpu-v4-32')[1:] == ('v4:2x2x4', 'megacore', 16, 32)
+    assert tpu_target('tpu-v5p-8')[1:] == ('v5:2x2x1', 'megacore', 4, 95)
+
+
+def test_memory_benchmark_refuses_a_tpu_slice_google_does_not_offer():
+    result = run_memory_benchmark('--target', 'tpu-v5e-12')
+    assert result.returncode == 2
+    assert assert_one_line_error(result.stderr).startswith(
+            "error: argument --target: tpu-v5e slices here: 1, 4, 8, 16, 32, 64, 128, 256; got "
+            "'tpu-v5e-12'")
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is not None,
+                    reason='with libtpu the TPU plan compiles for minutes (docs/performance.md)')
+def test_memory_benchmark_for_a_tpu_without_libtpu_says_how_to_get_it():
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.memory', '--target', 'tpu-v5e-8'],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert assert_one_line_error(result.stderr).startswith(
+            f'error: --target tpu-v5e-8 needs libtpu (pip install "jax[tpu]=={jax.__version__}"): ')
+    assert '| S |' not in result.stdout

@@ -57,10 +57,11 @@ class StepConfig(NamedTuple):
                    ema_decay=config.ema_decay, freeze_backbone=config.freeze_backbone)
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process, in process order (how
-    `jax.make_array_from_process_local_data` lays out process-local batches)."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over `devices`, by default every device of every process, in process order (how
+    `jax.make_array_from_process_local_data` lays out process-local batches); ahead-of-time
+    compilation passes the compile-only devices of a described topology."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
