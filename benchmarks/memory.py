@@ -33,6 +33,7 @@ import functools
 import importlib.metadata
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -142,6 +143,9 @@ def tpu_mesh(target: TpuTarget) -> jax.sharding.Mesh:
     """The trainer's mesh over the compile-only chips of `target`; call before anything
     initialises a JAX backend."""
     jax.config.update('jax_platforms', 'cpu')  # plan, even on a TPU VM
+    # The chips are never opened, so a plan may run beside a process holding libtpu's lockfile
+    # (training, or another plan).
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     try:
         topology = topologies.get_topology_desc(
                 topology_name=target.topology, platform='tpu', chip_config_name=target.chip_config)
@@ -165,8 +169,7 @@ def _plan(compiled, batch_bytes: int, seconds: float) -> dict:
 def step_memory(variant: str, size: int, batch: int, dtype, remat: bool,
                 conv_implementation: str, sharding=None) -> dict:
     """Bytes of the compiled train step: 'state', 'batch_bytes', 'temp', 'total'; and compile
-    seconds.
-    Compiled for `sharding`'s device, else for the default one, with the convolutions of
+    seconds. Compiled for `sharding`'s device, else for the default one, with the convolutions of
     `conv_implementation` (one of `kernels.IMPLEMENTATIONS`)."""
     model = effnetv2_jax.create_model(variant, dtype=dtype, remat=remat)
     variables = abstract_variables(model)
@@ -220,9 +223,18 @@ def trainer_step_memory(config: TrainConfig, mesh: jax.sharding.Mesh,
                 mesh, state_sharding, model=model.clone(dropout_rate=stage.dropout), tx=tx,
                 schedule=schedule, spec=HALF_NORMALISATION, base_key=jax.random.key(config.seed),
                 step_config=trainer.StepConfig.of(config, mixup=stage.mixup)).lower(state, batch)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # XLA:TPU knows the chip's HBM: it rematerialises on its own to fit, and refuses a step
+        # that still does not ("... HLO temporaries (32.78G) exceeds available HBM (15.75G)").
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        return {'fits': False, 'error': cli.first_line(e, limit=1000),
+                'compile_s': time.perf_counter() - start}
     per_device_rows = rows // mesh.size
-    return _plan(compiled, per_device_rows * (size * size * 3 + 4), time.perf_counter() - start)
+    return {'fits': True, **_plan(compiled, per_device_rows * (size * size * 3 + 4),
+                                   time.perf_counter() - start)}
 
 
 def markdown(report: dict) -> str:
@@ -238,13 +250,30 @@ def markdown(report: dict) -> str:
         cells = [r['variant'].upper(), r['size'], r['batch']]
         if tpu:
             cells.append(r['per_chip_batch'])
-        cells += ['yes' if r['remat'] else 'no', f"{r['state'] / gib:.2f} GiB",
-                  f"{r['temp'] / gib:.2f} GiB", f"{r['total'] / gib:.2f} GiB"]
-        if tpu:
-            cells.append(f"{r['total'] / gib / report['target']['hbm_gib']:.0%}")
+        cells.append('yes' if r['remat'] else 'no')
+        if r.get('fits', True):
+            cells += [f"{r[k] / gib:.2f} GiB" for k in ('state', 'temp', 'total')]
+            if tpu:
+                cells.append(f"{r['total'] / gib / report['target']['hbm_gib']:.0%}")
+        else:  # XLA's message gives the bytes needed, then the HBM it may use (G: GiB)
+            sizes = re.findall(r'\d+(?:\.\d+)?[KMGT]\b', r['error'])
+            needed, usable = sizes[:2] if len(sizes) > 1 else ('?', '?')
+            cells += ['-', f'needs {needed}', '-', f'over {usable}']
         lines.append('| ' + ' | '.join(map(str, cells)) + f" | {r['compile_s']:.0f} s |")
     versions = ', '.join(f'{k} {v}' for k, v in report['versions'].items())
     return '\n'.join([*lines, '', f"`{report['command']}` ({report['machine']}; {versions})"]) + '\n'
+
+
+def _earlier_results(output: Path | None, report: dict) -> dict:
+    """The results already in `output`.json for the same device and step, by (variant, size,
+    batch, remat): a plan of many cases can be run in parts."""
+    try:
+        earlier = json.loads(Path(f'{output}.json').read_text()) if output else {}
+    except (OSError, ValueError):
+        return {}
+    if any(earlier.get(k) != report[k] for k in ('device', 'step', 'dtype', 'versions')):
+        return {}
+    return {(r['variant'], r['size'], r['batch'], r['remat']): r for r in earlier['results']}
 
 
 def _versions(tpu: bool) -> dict:
@@ -266,7 +295,8 @@ def main(argv=None) -> None:
                    "H200 without one (needs jax[cuda12]); 'tpu-v5e-8', 'tpu-v4-32'...: per chip "
                    "of that TPU slice, without one (needs jax[tpu])")
     p.add_argument('--output', type=Path, help='basename of .json and .md results, rewritten '
-                   'after each case')
+                   'after each case; cases it already holds (same device, step and versions) '
+                   'are not compiled again')
     args = p.parse_args(argv)
     tpu = args.target if isinstance(args.target, TpuTarget) else None
     cases = args.cases or (TPU_CASES if tpu else DEFAULT_CASES)
@@ -293,21 +323,24 @@ def main(argv=None) -> None:
               'target': tpu._asdict() if tpu else {'name': args.target},
               'step': 'the trainer\'s (imagenet preset: RMSProp, EMA)' if tpu else 'SGD momentum',
               'dtype': args.dtype, 'results': []}
+    done = _earlier_results(args.output, report)
     print('\n'.join(markdown(report).splitlines()[:4]), flush=True)  # the table's head
     remats = {'both': (False, True), 'yes': (True,), 'no': (False,)}[args.remat]
     for case in cases:
         variant, size, batch = case.split(':')
         size, batch = int(size), int(batch)
         for remat in remats:
-            if tpu:
+            if (variant, size, batch, remat) in done:
+                r = done[variant, size, batch, remat]
+            elif tpu:
                 config = preset_config(variant, size, batch, remat=remat, dtype=args.dtype)
                 r = trainer_step_memory(config, mesh, args.conv_implementation)
                 r['per_chip_batch'] = batch // tpu.chips
             else:
                 r = step_memory(variant, size, batch, jnp.dtype(args.dtype), remat,
                                 args.conv_implementation, sharding)
-            report['results'].append({'variant': variant, 'size': size, 'batch': batch,
-                                      'remat': remat, **r})
+            report['results'].append({**r, 'variant': variant, 'size': size, 'batch': batch,
+                                      'remat': remat})
             table = markdown(report)
             print(table.splitlines()[-3], flush=True)
             if args.output:
