@@ -261,7 +261,8 @@ def markdown(report: dict) -> str:
             cells += ['-', f'needs {needed}', '-', f'over {usable}']
         lines.append('| ' + ' | '.join(map(str, cells)) + f" | {r['compile_s']:.0f} s |")
     versions = ', '.join(f'{k} {v}' for k, v in report['versions'].items())
-    return '\n'.join([*lines, '', f"`{report['command']}` ({report['machine']}; {versions})"]) + '\n'
+    footer = f"`{report['command']}` ({report['machine']}; {versions})"
+    return '\n'.join([*lines, '', footer]) + '\n'
 
 
 def _earlier_results(output: Path | None, report: dict) -> dict:
