@@ -80,7 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error('--save-pretrained DIR is the output: it goes with neither --to-torch nor -o')
     if args.push_to_hub and not args.save_pretrained:
         p.error('--push-to-hub needs --save-pretrained DIR')
-    if is_flax_input(args):
+    # Recognising a weights file reads it: once, here.
+    args.flax_input = is_flax_input(args)
+    if args.flax_input:
         given = [f'--{k.replace("_", "-")}' for k in TORCH_INPUT_FLAGS if getattr(args, k)]
         given += ['--layout'] if args.layout and not args.to_torch else []
         if given:
@@ -117,7 +119,7 @@ def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, to
 
 def direction(args) -> str:
     """'PyTorch -> Flax' and the like, for the summary line."""
-    source = 'PyTorch' if isinstance(args.input, str) or not is_flax_input(args) else 'Flax'
+    source = 'PyTorch' if isinstance(args.input, str) or not args.flax_input else 'Flax'
     target = ('PyTorch' if args.to_torch else "timm's Hub format" if args.save_pretrained
               else 'Flax')
     return f'{source} -> {target}'
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     try:
         check_output(output, output_kind(args),
                      inputs=[] if isinstance(args.input, str) else [args.input])
-        if is_flax_input(args):
+        if args.flax_input:
             try:
                 variables, metadata = checkpoint.read(args.input)
             except (OSError, ValueError) as e:
