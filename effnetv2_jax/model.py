@@ -18,24 +18,24 @@ Dtype = Any
 class FusedMBConv(nn.Module):
     """kxk conv expand (+ 1x1 project), residual with drop path when stride 1 and in == out.
 
-    With expansion 1 the block is one kxk ConvBNAct *with* activation (named `project_conv`, as
-    in WZMIAOMIAO's model.py), unless `fused_project` keeps the 1x1 project conv (timm's
-    `efficientnetv2_rw_s`/`_m` first stage). Input (N, H, W, C_in); output (N, H/stride,
-    W/stride, out_channels).
+    With `single_conv` (`Stage.single_conv`: a fused stage of expansion 1, unless timm's
+    `efficientnetv2_rw_s`/`_m` keep the project conv) the block is one kxk ConvBNAct *with*
+    activation (named `project_conv`, as in WZMIAOMIAO's model.py). Input (N, H, W, C_in); output
+    (N, H/stride, W/stride, out_channels).
     """
 
     out_channels: int
     expansion: int
     stride: int
     kernel_size: int = 3
-    fused_project: bool = False
+    single_conv: bool = False
     drop_path_rate: float = 0.0
     conv: Any = ConvBNAct  # a partial of ConvBNAct carrying padding, BN eps and dtypes
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         in_channels = x.shape[-1]
-        if self.expansion == 1 and not self.fused_project:
+        if self.single_conv:
             y = self.conv(features=self.out_channels, kernel_size=self.kernel_size,
                           stride=self.stride, name='project_conv')(x, train)
         else:
@@ -138,7 +138,7 @@ class EfficientNetV2(nn.Module):
             if self.remat:
                 block_cls = nn.remat(block_cls, static_argnums=(2,))
             extra = ({'se_ratio': stage.se_ratio, 'squeeze_excite': squeeze_excite}
-                     if stage.block == 'mbconv' else {'fused_project': stage.fused_project})
+                     if stage.block == 'mbconv' else {'single_conv': stage.single_conv})
             for j in range(stage.repeats):
                 x = block_cls(
                     out_channels=stage.out_channels, expansion=stage.expansion,
