@@ -25,8 +25,6 @@ from effnetv2_jax.files import OutputKind, atomic_write
 from effnetv2_jax.transforms import IMAGENET_NORMALISATION, RESAMPLING, resize_size
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
-# timm's BatchNorm eps for its tf_* architectures (ported from TensorFlow) and for the others.
-TIMM_BN_EPS = {'same': 1e-3, 'symmetric': 1e-5}
 # timm's defaults where a pretrained_cfg leaves a field out (timm.data.resolve_data_config).
 DEFAULT_SIZE, DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 224, 0.875, 'center'
 CROP_MODES = {'center': 'shorter', 'squash': 'squash'}  # timm's crop_mode -> our `resize`
@@ -60,7 +58,7 @@ def architecture(config: dict) -> tuple[str, str, float]:
         raise ValueError(f'its model_args {", ".join(unsupported) or args["pad_type"]} change the '
                          'architecture in a way this package does not build')
     # timm's default eps follows the architecture's name, not a pad_type given in model_args.
-    default_eps = TIMM_BN_EPS['same' if name.startswith('tf_') else 'symmetric']
+    default_eps = layouts.TIMM.family('same' if name.startswith('tf_') else 'symmetric').bn_eps
     return variant, padding, float(args.get('bn_eps', default_eps))
 
 
