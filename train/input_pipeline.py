@@ -391,12 +391,13 @@ class _TrainBatch(_LocalBatch):
             epoch, k = divmod(position + offset, n)
             index = _epoch_permutation(self.seed, epoch, n)[k]
             rng = np.random.default_rng([self.seed, _AUGMENT, self.stage, position])
-            image = self.transform(self.folder.image_file(index), rng, warn=offset == 0)
+            file = self.folder.image_file(index)
+            image = self.transform(file, rng, warn=offset == 0)
             if image is not None:
                 break
         else:
             raise DataError(f'{MAX_SUBSTITUTIONS} unreadable images in a row in the training '
-                            f'stream, the last {image_name(self.folder.image_file(index))}')
+                            f'stream, the last {image_name(file)}')
         return {'image': image, 'label': self.folder.labels[index], 'skipped': int(offset > 0)}
 
 
