@@ -60,19 +60,18 @@ def pack(folder: str, out: str, shards: int) -> dict:
         raise DataError(f'{folder} is packed already')
     splits = {'train': train, **({'val': val} if val is not None else {})}
 
+    info = {'format': records.FORMAT, 'version': records.VERSION,
+            'class_names': list(train.class_names), 'splits': {}}
+
     def write(tmp: Path):
-        info = {'format': records.FORMAT, 'version': records.VERSION,
-                'class_names': list(train.class_names), 'splits': {}}
         total = sum(len(split) for split in splits.values())
         with tqdm(total=total, unit='img', desc=f'packing {folder}') as progress:
             for name, split in splits.items():
                 info['splits'][name] = _write_split(tmp, name, split, shards, progress)
         (tmp / records.DATASET_FILE).write_text(json.dumps(info, indent=1))
-        written.update(info)
 
-    written = {}
     atomic_write(out, write, records.OUTPUT_KIND)
-    return written
+    return info
 
 
 def main(argv=None) -> int:
