@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from benchmarks.throughput import jax_train_step
 from effnetv2_jax import nnx as effnet_nnx
 from effnetv2_jax.model import create_model
 
@@ -39,10 +40,10 @@ def rngs():
     return nnx.Rngs(0, dropout=1, drop_path=2)
 
 
-def build(name: str, image_size: int, batch: int, models=MODELS, **overrides):
+def build(name: str, image_size: int, batch: int, models=MODELS):
     """{model: (infer(), train_step(), NNX module to switch with train()/eval() or None)}:
     closures over one set of weights and one batch."""
-    module = create_model(name, num_classes=1000, **overrides)
+    module = create_model(name, num_classes=1000)
     images = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3))
     labels = jnp.arange(batch) % 1000
     variables = jax.jit(lambda k: module.init(k, images[:1], train=False))(jax.random.key(0))
@@ -51,28 +52,13 @@ def build(name: str, image_size: int, batch: int, models=MODELS, **overrides):
     if 'linen' in models:
         infer = jax.jit(lambda v, x: module.apply(v, x, train=False))
 
-        @jax.jit
-        def linen_step(params, batch_stats, opt_state, key, x, y):
-            k1, k2 = jax.random.split(key)
-
-            def loss(p):
-                logits, updates = module.apply(
-                    {'params': p, 'batch_stats': batch_stats}, x, train=True,
-                    rngs={'dropout': k1, 'drop_path': k2}, mutable=['batch_stats'])
-                return loss_fn(logits, y), updates['batch_stats']
-
-            (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
-            updates, opt_state = TX.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_stats, opt_state, value
-
-        state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
-                 'opt_state': TX.init(variables['params']), 'key': jax.random.key(3)}
+        linen_step = jax.jit(jax_train_step(module, TX))
+        state = {'state': (variables['params'], variables['batch_stats'],
+                           TX.init(variables['params'])), 'key': jax.random.key(3)}
 
         def train():
-            key, step_key = jax.random.split(state['key'])
-            params, stats, opt, value = linen_step(state['params'], state['batch_stats'],
-                                                   state['opt_state'], step_key, images, labels)
-            state.update(params=params, batch_stats=stats, opt_state=opt, key=key)
+            state['key'], step_key = jax.random.split(state['key'])
+            state['state'], value = linen_step(state['state'], images, labels, step_key)
             return value
 
         built['linen'] = (lambda: infer(variables, images), train, None)
