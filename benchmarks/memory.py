@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.metadata
 import json
 import os
@@ -207,11 +206,7 @@ def trainer_step_memory(config: TrainConfig, mesh: jax.sharding.Mesh,
     stage = make_stages(config, int(config.epochs * steps_per_epoch), config.image_size)[-1]
     schedule = trainer.learning_rate_schedule(config, steps_per_epoch)
     tx = trainer.make_optimizer(config, schedule)
-    create = functools.partial(trainer.create_state, tx, ema=config.ema_decay > 0)
-    state = jax.eval_shape(create, abstract_variables(model))
-    state_sharding = trainer.state_shardings(mesh, state)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         state, state_sharding)
+    state, state_sharding = trainer.abstract_state(mesh, tx, model, ema=config.ema_decay > 0)
     rows, size = config.batch_size, stage.image_size
     batch = {'image': jax.ShapeDtypeStruct((rows, size, size, 3), jnp.uint8,
                                            sharding=trainer.data_sharding(mesh)),

@@ -23,7 +23,6 @@ import effnetv2_jax
 from convert import hub
 from effnetv2_jax import checkpoint, cli
 from effnetv2_jax.files import check_output
-from effnetv2_jax.model import abstract_variables
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
 from train.config import ConfigError, TrainConfig
@@ -175,17 +174,14 @@ def _initial_state(config: TrainConfig, run_checkpoints: RunCheckpoints, mesh, m
     """(state, its shardings, the saved progress): the newest checkpoint's state placed on this
     mesh (whatever device count saved it), else a fresh one from `variables` (None: initialised
     from `config.seed`) with no progress."""
-    create = functools.partial(trainer.create_state, tx, ema=config.ema_decay > 0)
-    abstract_state = jax.eval_shape(create, abstract_variables(model))
-    state_sharding = trainer.state_shardings(mesh, abstract_state)
+    abstract, state_sharding = trainer.abstract_state(mesh, tx, model, ema=config.ema_decay > 0)
     resume_step = run_checkpoints.latest_step()
     if resume_step is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_sharding)
         return (run_checkpoints.restore_state(resume_step, abstract), state_sharding,
                 run_checkpoints.restore_progress(resume_step))
     if variables is None:
         variables = _init_variables(model, config.seed)
+    create = functools.partial(trainer.create_state, tx, ema=config.ema_decay > 0)
     return jax.jit(create, out_shardings=state_sharding)(variables), state_sharding, None
 
 

@@ -18,6 +18,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from effnetv2_jax import EfficientNetV2
+from effnetv2_jax.model import abstract_variables
 from effnetv2_jax.transforms import normalize
 from train.config import ConfigError, TrainConfig
 
@@ -137,6 +138,17 @@ def create_state(tx: optax.GradientTransformation, variables, *, ema: bool) -> T
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params),
                       ema={'params': params, 'batch_stats': batch_stats} if ema else None)
+
+
+def abstract_state(mesh: Mesh, tx: optax.GradientTransformation, model: EfficientNetV2, *,
+                   ema: bool) -> tuple[TrainState, Any]:
+    """(the train state of `model` as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`,
+    those shardings): what restoring a checkpoint or compiling ahead of time needs, nothing
+    allocated."""
+    state = jax.eval_shape(functools.partial(create_state, tx, ema=ema), abstract_variables(model))
+    sharding = state_shardings(mesh, state)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state, sharding), sharding
 
 
 def _mix(key, images, targets, mixup_alpha: float, cutmix_alpha: float):
