@@ -141,15 +141,16 @@ def _write_onnx(output: Path, model, variables, size: int, batch_size: int | Non
 
 
 def _write_jaxexport(output: Path, model, variables, size: int, batch_size: int | None,
-                     info: dict, platforms: Sequence[str] | None) -> int:
-    """Writes the artifact and its JSON sidecar (`info` with the platforms); returns the
-    artifact's size in bytes."""
+                     info: dict, platforms: Sequence[str] | None) -> tuple[int, list[str]]:
+    """Writes the artifact and its JSON sidecar (`info` plus the platforms); returns the
+    artifact's size in bytes and the platforms it was lowered for."""
     exported = export(model, variables, size, batch_size=batch_size, platforms=platforms)
     data = exported.serialize()  # a bytearray; no copy (XL: 836 MB)
-    info['platforms'] = list(exported.platforms)
+    lowered_for = list(exported.platforms)
     atomic_write_bytes(output, data, EXPORT_KIND)
-    atomic_write_bytes(_sidecar(output), json.dumps(info, indent=2).encode(), SIDECAR_KIND)
-    return len(data)
+    atomic_write_bytes(_sidecar(output), json.dumps({**info, 'platforms': lowered_for},
+                                                    indent=2).encode(), SIDECAR_KIND)
+    return len(data), lowered_for
 
 
 def _sidecar(output: Path) -> Path:
@@ -201,9 +202,9 @@ def main(argv=None) -> int:
             written = _write_onnx(output, model, variables, size, args.batch_size, info)
             spec_place, target = 'its metadata_props', 'ONNX input "images"'
         else:
-            written = _write_jaxexport(output, model, variables, size, args.batch_size, info,
-                                       platforms)
-            spec_place, target = _sidecar(output).name, f'platforms {",".join(info["platforms"])}'
+            written, lowered_for = _write_jaxexport(output, model, variables, size,
+                                                    args.batch_size, info, platforms)
+            spec_place, target = _sidecar(output).name, f'platforms {",".join(lowered_for)}'
     except (OSError, ValueError) as e:  # unreadable or invalid weights, bad flags, unusable -o
         return cli.fail(first_line(e))
     print(f'{args.weights} -> {output} ({written / 1e6:.1f} MB; input spec in {spec_place})\n'
