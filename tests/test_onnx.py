@@ -18,7 +18,6 @@ import io
 import json
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,7 +30,8 @@ import effnetv2_jax  # noqa: E402
 from effnetv2_jax.export import ONNX_KIND, export_onnx, main  # noqa: E402
 from effnetv2_jax.files import check_output  # noqa: E402
 from effnetv2_jax.transforms import IMAGENET_NORMALISATION, preprocess  # noqa: E402
-from helpers import assert_logits_close, assert_one_line_error, photos, random_variables  # noqa: E402
+from helpers import (assert_logits_close, assert_one_line_error, jitted_apply, photos,  # noqa: E402
+                     random_variables)
 
 NUM_CLASSES = 10
 METADATA = {'variant': 'b0', 'num_classes': NUM_CLASSES, 'padding': 'symmetric', 'bn_eps': 1e-3,
@@ -62,8 +62,7 @@ def variables(model):
 @pytest.fixture(scope='module')
 def expected(model, variables):
     """images -> the logits of `jax.jit(model.apply)`."""
-    apply = jax.jit(model.apply)
-    return lambda x: np.asarray(apply(variables, x))
+    return lambda x: np.asarray(jitted_apply(model)(variables, x))
 
 
 def session(model_bytes: bytes) -> ort.InferenceSession:
@@ -127,7 +126,7 @@ def test_onnx_model_without_classifier_outputs_pooled_features(variables):
     images = np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32)
     features, = s.run(None, {'images': images})
     assert features.shape == (2, backbone.variant.head_channels)
-    assert_logits_close(features, np.asarray(jax.jit(backbone.apply)(variables, images)))
+    assert_logits_close(features, np.asarray(jitted_apply(backbone)(variables, images)))
 
 
 # --------------------------------------------------------------------------------------------
