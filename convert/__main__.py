@@ -131,6 +131,7 @@ def output_kind(args) -> OutputKind:
     return torch_io.EXPORT_KIND if args.to_torch else checkpoint.OUTPUT_KINDS[args.format]
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()

@@ -9,7 +9,7 @@ from convert import layouts
 from convert.torch_io import CheckpointError
 from convert.layouts import Layout
 from effnetv2_jax.checkpoint import check_variables
-from effnetv2_jax.cli import first_few
+from effnetv2_jax.messages import first_few
 from effnetv2_jax.configs import VARIANTS, Variant, get_variant
 from effnetv2_jax.layers import PADDINGS
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from convert import converter, layouts
 from convert.torch_io import PRODUCER, CheckpointError
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.messages import first_line
 from effnetv2_jax.configs import get_variant
 from effnetv2_jax.files import OutputKind, atomic_write
 from effnetv2_jax.transforms import IMAGENET_NORMALISATION, RESAMPLING, resize_size

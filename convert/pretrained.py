@@ -22,7 +22,7 @@ from typing import Any
 from convert import hub
 from convert.torch_io import CheckpointError
 from effnetv2_jax import checkpoint
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.messages import first_line
 
 SCHEMES = checkpoint.PRETRAINED_SCHEMES
 CACHE_ENV = 'EFFNETV2_JAX_WEIGHTS_CACHE'

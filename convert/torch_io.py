@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.messages import first_line
 from effnetv2_jax.files import OutputKind, atomic_write
 
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'ema_state_dict')

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from effnetv2_jax.cli import first_few, first_line
+from effnetv2_jax.messages import first_few, first_line
 from effnetv2_jax.configs import get_variant
-from effnetv2_jax.files import OutputKind, atomic_write, atomic_write_bytes
+from effnetv2_jax.files import (LOCAL_DIR_SCHEME, REMOTE_SCHEMES, OutputKind, atomic_write,
+                                atomic_write_bytes)
 from effnetv2_jax.layers import PADDINGS
 from effnetv2_jax.model import EfficientNetV2, abstract_variables, create_model
 from effnetv2_jax.transforms import SPEC_KEYS, check_spec
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
 COLLECTIONS = ('params', 'batch_stats')
 # Pretrained names that `read` and `load` take besides paths (convert/pretrained.py resolves them).
-PRETRAINED_SCHEMES = ('hf-hub:', 'torchvision:', 'local-dir:')
+PRETRAINED_SCHEMES = (*REMOTE_SCHEMES, LOCAL_DIR_SCHEME)
 
 
 def _is_msgpack_weights(path: Path) -> bool:

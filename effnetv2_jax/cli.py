@@ -3,11 +3,15 @@ exit statuses (0 done; 1 `--verify` found the outputs apart; 2 bad input or unus
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
 
+from effnetv2_jax.messages import first_few, first_line  # noqa: F401 - part of cli's API
+
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,20 +67,20 @@ def output_for(source, suffix: str) -> Path:
     return Path(re.split(r'[/:]', source.rstrip('/').split('@')[0])[-1] + suffix)
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (its type name when it has none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0][:limit] if lines else type(e).__name__
-
-
-def first_few(items, limit: int) -> str:
-    """'a, b, c (+N more)': the first `limit` of `items`, comma-separated, for one-line errors."""
-    items = [str(i) for i in items]
-    more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
-    return ', '.join(items[:limit]) + more
-
-
 def fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
     """Prints `error: <message>` as one line on stderr and returns `status` for `sys.exit`."""
     print(f'error: {message}', file=sys.stderr)
     return status
+
+
+def entry_point(main):
+    """Decorates a command's `main(argv=None) -> int`: Ctrl-C ends it with one line and status
+    130 instead of a KeyboardInterrupt traceback (outputs are left whole by `files`)."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print('\ninterrupted; nothing half-written is left', file=sys.stderr)
+            return EXIT_INTERRUPTED
+    return wrapped

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 import effnetv2_jax
 from effnetv2_jax import checkpoint, cli, configs, kernels
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.messages import first_line
 from effnetv2_jax.files import OutputKind, atomic_write_bytes, check_output
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export accepts any string; these lower & run
@@ -157,6 +157,7 @@ def _sidecar(output: Path) -> Path:
     return output.with_name(output.name + '.json')
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     p = cli.parser('effnetv2_jax.export', 'Export converted weights for serving without Flax: '
                    'a serialized jax.export artifact (StableHLO) or an ONNX model, weights '

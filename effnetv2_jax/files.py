@@ -1,51 +1,83 @@
 """Writing output files safely: atomically, durably, and never over anything that is not ours.
 
 The rule, for every file or folder this project writes: nothing but the output path itself is
-created, replaced or removed. An existing output is replaced only when it is recognisably of the
-kind being written (an `OutputKind` says how to recognise one); the input itself, a folder that
-contains an input or the working directory are refused. The new content is written to a
-temporary sibling, flushed to disk and renamed onto the path, so readers see the old content or
-the new, never a part.
+created, replaced or removed. An output never is, contains or lies inside an input of the same
+command, nor the working directory. An existing output is replaced only when it holds nothing but
+what this project wrote there (an `OutputKind` says how to recognise that). The new content is
+written to a temporary sibling, flushed to disk and renamed onto the path, so readers see the old
+content or the new, never a part, never neither: Ctrl-C or SIGTERM at any moment, or a full disk,
+leave the old output and no temporary behind. Outputs follow the umask like any file the user
+writes.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from effnetv2_jax.messages import write_failure
+
+# Weights sources that are names rather than paths: remote ones read nothing the user has here;
+# 'local-dir:FOLDER' reads FOLDER.
+REMOTE_SCHEMES = ('hf-hub:', 'torchvision:')
+LOCAL_DIR_SCHEME = 'local-dir:'
+
 
 class OutputError(OSError):
-    """An output path that may not be written; the message is one line."""
+    """An output path that may not be written, or whose write failed; the message is one line."""
 
 
 class OutputKind(NamedTuple):
     """What a writer produces: `description` for messages ('an effnetv2-jax weights file'),
-    `recognise(path)` whether an existing path is one of those (then it may be replaced), and
-    whether it is a folder."""
+    `recognise(path)` whether an existing path holds nothing but such an output (then it may be
+    replaced), and whether it is a folder."""
     description: str
     recognise: Callable[[Path], bool]
     directory: bool = False
 
 
-def check_output(path: str | os.PathLike, kind: OutputKind,
-                 inputs: Iterable[str | os.PathLike] = ()):
-    """Raises `OutputError` unless `path` may be written as `kind`: its folder exists, it is not
-    one of `inputs`, nor inside or above one, nor the working directory or above it, and it is
-    either absent or recognisably a `kind`. Touches nothing."""
-    path = Path(path)
-    resolved = path.resolve()
+def local_path(source: str | os.PathLike) -> Path | None:
+    """The file or folder on this machine that a weights source reads: a path as it is,
+    'local-dir:FOLDER' as FOLDER, None for a remote name ('hf-hub:...', 'torchvision:...')."""
+    text = os.fspath(source)
+    if text.startswith(REMOTE_SCHEMES):
+        return None
+    return Path(text.removeprefix(LOCAL_DIR_SCHEME))
+
+
+def check_apart(output: str | os.PathLike, inputs: Iterable[str | os.PathLike],
+                what: str = 'output'):
+    """Raises `OutputError` if `output` is, contains or lies inside one of `inputs` (paths or
+    weights sources, see `local_path`). Touches nothing."""
+    resolved = Path(output).resolve()
     for source in inputs:
-        source_path = Path(source).resolve()
+        source_path = local_path(source)
+        if source_path is None:
+            continue
+        source_path = source_path.resolve()
         for relation, holds in (('is', resolved == source_path),
                                 ('contains', resolved in source_path.parents),
                                 ('is inside', source_path in resolved.parents)):
             if holds:
-                raise OutputError(f'output {path} {relation} the input {source}; '
-                                  'choose another output')
-    cwd = Path.cwd().resolve()
+                raise OutputError(f'{what} {output} {relation} the input {source}; '
+                                  f'choose another {what}')
+
+
+def check_output(path: str | os.PathLike, kind: OutputKind,
+                 inputs: Iterable[str | os.PathLike] = ()):
+    """Raises `OutputError` unless `path` may be written as `kind`: its folder exists, it is
+    apart from `inputs` (`check_apart`), it is not the working directory or above it, and it is
+    either absent or holds nothing but a `kind`. Touches nothing."""
+    path = Path(path)
+    check_apart(path, inputs)
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise OutputError(f'output {path} is (or contains) the working directory; '
                           'choose another output')
@@ -54,6 +86,18 @@ def check_output(path: str | os.PathLike, kind: OutputKind,
     if path.is_symlink() or (path.exists() and not kind.recognise(path)):
         raise OutputError(f'{path} exists and is not {kind.description}; not replacing it '
                           '(move it away or choose another output)')
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 shows it without the set-and-restore race of os.umask
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str | os.PathLike):
@@ -71,42 +115,117 @@ def _remove(path: Path):
         path.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: OutputKind):
-    """Calls `write(tmp)` on a temporary sibling of `path` (a file, or a folder for a folder
-    kind), flushes it to disk and renames it onto `path`, after `check_output(path, kind)`. The
-    temporary is removed if anything fails; a replaced folder is removed after the rename."""
-    path = Path(path)
-    check_output(path, kind)
-    prefix, suffix = f'.{path.name}.', '.tmp'
-    if kind.directory:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-        os.close(fd)
-        tmp = Path(name)
-    replaced = None
+_RENAME_EXCHANGE = 2
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (AttributeError, OSError):  # not glibc >= 2.28 (macOS, musl)
+    _renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two existing paths in one step (Linux renameat2); False where that is not
+    available (then the caller renames twice, with signals deferred)."""
+    if _renameat2 is None:
+        return False
+    at_cwd = -100  # AT_FDCWD
+    return _renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a write: raised to remove the temporary, then delivered again."""
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up():
+    """While a write runs, SIGTERM (where nobody else handles it) first removes the temporary:
+    it raises `_Terminated` into the write, and once the cleanup is done the process ends by
+    SIGTERM as it would have."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def on_sigterm(*_):
+        raise _Terminated()
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        write(tmp)
-        for file in (tmp.rglob('*') if kind.directory else ()):
-            if file.is_file():
-                _fsync(file)
-        _fsync(tmp)
-        if kind.directory and path.is_dir():  # a folder cannot be renamed onto a full one
-            replaced = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix='.old'))
-            os.replace(path, replaced / path.name)
-        os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself
-    except BaseException:
-        _remove(tmp)
-        if replaced is not None and not path.exists():  # put the old folder back
-            os.replace(replaced / path.name, path)
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
         raise
     finally:
-        if replaced is not None:
-            _remove(replaced)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray, kind: OutputKind):
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done (in the main thread, where they land)."""
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+
+
+def _put_in_place(tmp: Path, path: Path, directory: bool):
+    """Renames `tmp` onto `path`; a folder `path` is swapped out and removed after. At any
+    moment `path` holds the old content or the new one."""
+    with _signals_deferred():
+        if directory and path.is_dir():  # a folder cannot be renamed onto a full one
+            if _exchange(tmp, path):
+                _fsync(path.parent)
+                _remove(tmp)  # now the old folder
+                return
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.',
+                                        suffix='.old'))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+            _remove(old)
+            return
+        os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: OutputKind,
+                 inputs: Iterable[str | os.PathLike] = ()):
+    """Calls `write(tmp)` on a temporary sibling of `path` (a file, or a folder for a folder
+    kind), flushes it to disk and puts it in place of `path`, after `check_output(path, kind,
+    inputs)`. The temporary is removed if anything fails or interrupts; a failed write (a full
+    disk, say) is an `OutputError` with one line."""
+    path = Path(path)
+    check_output(path, kind, inputs)
+    prefix, suffix = f'.{path.name}.', '.tmp'
+    with _sigterm_cleans_up():
+        if kind.directory:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+        else:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+            os.close(fd)
+            tmp = Path(name)
+        try:
+            # mkstemp's 0600 and mkdtemp's 0700 would survive the rename
+            os.chmod(tmp, (0o777 if kind.directory else 0o666) & ~_umask())
+            write(tmp)
+            for file in (tmp.rglob('*') if kind.directory else ()):
+                if file.is_file():
+                    _fsync(file)
+            _fsync(tmp)
+            _put_in_place(tmp, path, kind.directory)
+        except BaseException as e:
+            _remove(tmp)
+            if isinstance(e, Exception) and not isinstance(e, OutputError):
+                raise OutputError(f'cannot write {path}: {write_failure(e)}') from e
+            raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray, kind: OutputKind,
+                       inputs: Iterable[str | os.PathLike] = ()):
     """`atomic_write` of one file with `data`."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data), kind)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), kind, inputs)
+

@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {k: getattr(args, k) for k in ('size', 'resize', 'crop_pct', 'interpolation',

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from effnetv2_jax.configs import VARIANTS, get_variant
 from effnetv2_jax import cli
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.messages import first_line
 from effnetv2_jax.files import OutputKind, atomic_write_bytes
 
 TEST_COMMAND = ('bash scripts/test.sh tests/test_equivalence.py tests/test_equivalence_photos.py '

@@ -126,7 +126,7 @@ def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary(tmp_path, k
         raise OSError(28, 'No space left on device')
     atomic_write(path, write(b'old'), kind)
     before = snapshot(tmp_path)
-    with pytest.raises(OSError, match='No space left'):
+    with pytest.raises(OutputError, match='cannot write .*: no space left on device'):
         atomic_write(path, fail, kind)
     assert snapshot(tmp_path) == before
 

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from effnetv2_jax import cli
+
 
 def _cluster_detected() -> bool:
     """Environments where `jax.distributed.initialize()` finds its peers by itself."""
@@ -36,8 +38,9 @@ def init_distributed(config):
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run is not finished; schedulers may requeue it
 
 
+@cli.entry_point
 def main(argv=None) -> int:
-    from effnetv2_jax import cli, enable_compilation_cache
+    from effnetv2_jax import enable_compilation_cache
     from train.config import ConfigError, parse_args
     try:
         config = parse_args(argv)

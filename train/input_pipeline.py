@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from effnetv2_jax.cli import first_line
+from effnetv2_jax.messages import first_line
 from effnetv2_jax.transforms import eval_transform, open_image, to_rgb
 from train import records
 from train.randaugment import rand_augment

@@ -74,6 +74,7 @@ def pack(folder: str, out: str, shards: int) -> dict:
     return info
 
 
+@cli.entry_point
 def main(argv=None) -> int:
     parser = cli.parser('train.pack', __doc__.split('\n\n')[0], EXAMPLES)
     parser.add_argument('folder', help='image folder: one subfolder per class, or train/ and '
