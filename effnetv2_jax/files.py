@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -113,6 +114,23 @@ def _remove(path: Path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _remove_failed(tmp: Path, quiet_seconds: float = 1.0, give_up_seconds: float = 10.0):
+    """Removes the temporary folder of a failed write. A library's writer threads (Orbax's
+    TensorStore) can go on creating files in it for a moment after the failure reached us
+    (seen: 5 to 200 ms), so remove it until it has stayed gone for `quiet_seconds`."""
+    deadline = time.monotonic() + give_up_seconds
+    gone_since = None
+    while time.monotonic() < deadline:
+        if tmp.exists():
+            _remove(tmp)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= quiet_seconds:
+            return
+        time.sleep(0.01)
 
 
 _RENAME_EXCHANGE = 2
@@ -218,7 +236,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: O
             _fsync(tmp)
             _put_in_place(tmp, path, kind.directory)
         except BaseException as e:
-            _remove(tmp)
+            if kind.directory:
+                _remove_failed(tmp)
+            else:
+                _remove(tmp)
             if isinstance(e, Exception) and not isinstance(e, OutputError):
                 raise OutputError(f'cannot write {path}: {write_failure(e)}') from e
             raise

@@ -1,7 +1,10 @@
 """One-line messages for errors a user can cause: the helpers every module shares."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import sys
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -40,3 +43,31 @@ def write_failure(e: BaseException) -> str:
                for x in chain):
             return reason
     return first_line(chain[0])
+
+
+def _drop_closed_loops(hook):
+    def filtered(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == 'Event loop is closed'):
+            hook(unraisable)
+    return filtered
+
+
+@contextlib.contextmanager
+def orbax_failures_quiet():
+    """Keeps a failed Orbax write to the one line its caller reports. Orbax logs the failure
+    with tracebacks (absl's logger), and the event loops of its writer threads report 'Event
+    loop is closed' as unraisable exceptions, during the write and after it as they are
+    collected. Within the block both are dropped (only those: every other report goes on), and
+    after a failure the unraisable ones stay dropped for the rest of the process."""
+    absl_logger = logging.getLogger('absl')
+    level, hook = absl_logger.level, sys.unraisablehook
+    absl_logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = _drop_closed_loops(hook)
+    try:
+        yield
+    except BaseException:
+        absl_logger.setLevel(level)
+        raise
+    absl_logger.setLevel(level)
+    sys.unraisablehook = hook
