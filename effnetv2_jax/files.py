@@ -116,7 +116,7 @@ def _remove(path: Path):
         path.unlink(missing_ok=True)
 
 
-def _remove_failed(tmp: Path, quiet_seconds: float = 1.0, give_up_seconds: float = 10.0):
+def _remove_failed(tmp: Path, quiet_seconds: float = 0.5, give_up_seconds: float = 10.0):
     """Removes the temporary folder of a failed write. A library's writer threads (Orbax's
     TensorStore) can go on creating files in it for a moment after the failure reached us
     (seen: 5 to 200 ms), so remove it until it has stayed gone for `quiet_seconds`."""
@@ -178,16 +178,22 @@ def _sigterm_cleans_up():
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Ctrl-C and SIGTERM wait until the block is done (in the main thread, where they land)."""
-    deferred = {signal.SIGINT, signal.SIGTERM}
+    """Ctrl-C and SIGTERM wait until the block is done (in the main thread, where Python runs
+    signal handlers: between any two bytecodes, so an OS-level mask would not do), then take
+    their course."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    caught = []
+    previous = {signum: signal.signal(signum, lambda signum, _: caught.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 def _put_in_place(tmp: Path, path: Path, directory: bool):
@@ -210,6 +216,20 @@ def _put_in_place(tmp: Path, path: Path, directory: bool):
         _fsync(path.parent)  # the rename itself
 
 
+def _make_temporary(path: Path, directory: bool) -> Path:
+    """An empty sibling of `path` (`.NAME.*.tmp`) with the mode a new output of the user's gets:
+    mkstemp's 0600 and mkdtemp's 0700 would survive the rename."""
+    prefix, suffix = f'.{path.name}.', '.tmp'
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        tmp = Path(name)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: OutputKind,
                  inputs: Iterable[str | os.PathLike] = ()):
     """Calls `write(tmp)` on a temporary sibling of `path` (a file, or a folder for a folder
@@ -218,17 +238,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: O
     disk, say) is an `OutputError` with one line."""
     path = Path(path)
     check_output(path, kind, inputs)
-    prefix, suffix = f'.{path.name}.', '.tmp'
     with _sigterm_cleans_up():
-        if kind.directory:
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
-        else:
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-            os.close(fd)
-            tmp = Path(name)
+        tmp = None
         try:
-            # mkstemp's 0600 and mkdtemp's 0700 would survive the rename
-            os.chmod(tmp, (0o777 if kind.directory else 0o666) & ~_umask())
+            with _signals_deferred():  # a temporary that exists is one the cleanup knows of
+                tmp = _make_temporary(path, kind.directory)
             write(tmp)
             for file in (tmp.rglob('*') if kind.directory else ()):
                 if file.is_file():
@@ -236,9 +250,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: O
             _fsync(tmp)
             _put_in_place(tmp, path, kind.directory)
         except BaseException as e:
-            if kind.directory:
+            if tmp is not None and kind.directory:
                 _remove_failed(tmp)
-            else:
+            elif tmp is not None:
                 _remove(tmp)
             if isinstance(e, Exception) and not isinstance(e, OutputError):
                 raise OutputError(f'cannot write {path}: {write_failure(e)}') from e
