@@ -217,8 +217,7 @@ def _put_in_place(tmp: Path, path: Path, directory: bool):
 
 
 def _make_temporary(path: Path, directory: bool) -> Path:
-    """An empty sibling of `path` (`.NAME.*.tmp`) with the mode a new output of the user's gets:
-    mkstemp's 0600 and mkdtemp's 0700 would survive the rename."""
+    """An empty sibling of `path` (`.NAME.*.tmp`), a file or a folder."""
     prefix, suffix = f'.{path.name}.', '.tmp'
     if directory:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
@@ -226,8 +225,18 @@ def _make_temporary(path: Path, directory: bool) -> Path:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
         os.close(fd)
         tmp = Path(name)
-    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     return tmp
+
+
+def _settle(tmp: Path):
+    """Flushes a written temporary to disk, with the modes the umask gives: some writers
+    (safetensors) create their files 0600 whatever the umask."""
+    umask = _umask()
+    for path in (*sorted(tmp.rglob('*')), tmp):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        _fsync(path)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: OutputKind,
@@ -244,10 +253,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: O
             with _signals_deferred():  # a temporary that exists is one the cleanup knows of
                 tmp = _make_temporary(path, kind.directory)
             write(tmp)
-            for file in (tmp.rglob('*') if kind.directory else ()):
-                if file.is_file():
-                    _fsync(file)
-            _fsync(tmp)
+            _settle(tmp)
             _put_in_place(tmp, path, kind.directory)
         except BaseException as e:
             if tmp is not None and kind.directory:
