@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from effnetv2_jax import cli
 from effnetv2_jax.predictor import Predictor
-from effnetv2_jax.transforms import RESAMPLING
+from effnetv2_jax.transforms import RESAMPLING, image_size
 
 EXAMPLES = """\
   python -m effnetv2_jax.predict cat.jpg --weights hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='images per forward (default 32)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     spec = p.add_argument_group('eval transform overrides (default: the weights\' metadata)')
-    spec.add_argument('--size', type=int, help='crop size')
+    spec.add_argument('--size', type=image_size, help='crop size')
     spec.add_argument('--resize', choices=('shorter', 'squash'))
     spec.add_argument('--crop-pct', type=float, help='resize to size / crop_pct, then crop')
     spec.add_argument('--interpolation', choices=sorted(RESAMPLING))
@@ -67,11 +67,12 @@ def main(argv=None) -> int:
     try:
         results = predictor.predict(args.images, min(args.top_k, len(predictor.labels)),
                                     progress=len(args.images) > args.batch_size)
-    except ValueError as e:  # an unreadable image
+    except ValueError as e:  # an unreadable image, or logits that overflow
         return cli.fail(str(e))
     if args.json:
         print(json.dumps([{'image': str(path), 'predictions': [p._asdict() for p in top]}
-                          for path, top in zip(args.images, results)], indent=2))
+                          for path, top in zip(args.images, results)], indent=2,
+                         allow_nan=False))  # `predict` gives no NaN; JSON has none
         return cli.EXIT_OK
     width = max(len(p.label) for top in results for p in top)
     for path, top in zip(args.images, results):

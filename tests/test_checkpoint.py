@@ -67,7 +67,7 @@ def test_read_names_the_leaf_that_does_not_fit_the_model(tmp_path, small_variabl
     ({'preprocessing': [224]}, 'preprocessing is a list'),
     ({'preprocessing': {'size': 'big', 'resize': 'shorter', 'crop_pct': 1.0,
                         'interpolation': 'bicubic', 'mean': [0, 0, 0], 'std': [1, 1, 1]}},
-     "size must be a positive integer, got 'big'"),
+     "size must be an integer from 1 to 4096 (pixels), got 'big'"),
     ({'class_names': ['a', 'b']}, 'class_names is not a list of 3 names'),
 ], ids=['unknown-variant', 'variant-number', 'negative-classes', 'bool-classes', 'padding',
         'eps-0', 'eps-text', 'preprocessing-list', 'preprocessing-size', 'class-names'])
