@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                    help='jaxexport (default; with a JSON sidecar) or onnx (through jax2onnx; '
                    'the description in its metadata_props)')
     p.add_argument('--batch-size', type=int, help='fixed batch size (default: any)')
-    p.add_argument('--image-size', type=transforms.image_size, help="default: metadata['preprocessing']"
+    p.add_argument('--image-size', type=transforms.image_size,
+                   help=f"1 to {transforms.MAX_IMAGE_SIZE}; default: metadata['preprocessing']"
                    "['size'], else the variant's eval size")
     p.add_argument('--platforms', help=f'comma-separated, out of {",".join(PLATFORMS)} '
                    f'(default: {jax.export.default_export_platform()}; jaxexport only)')

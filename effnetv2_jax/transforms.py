@@ -216,11 +216,16 @@ def preprocess(images: ImageLike | Sequence[ImageLike], spec: dict[str, Any]) ->
     return normalize(eval_crops(images, spec), spec)
 
 
+def _is_real(value) -> bool:
+    """Whether `value` is a real number (a bool is not one here)."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool))
+
+
 def _finite_numbers(values) -> bool:
-    """Whether `values` is 3 finite real numbers (bools are not numbers here)."""
+    """Whether `values` is 3 finite real numbers."""
     return (isinstance(values, (list, tuple, np.ndarray)) and len(values) == 3
-            and all(isinstance(v, (int, float, np.integer, np.floating))
-                    and not isinstance(v, bool) and math.isfinite(v) for v in values))
+            and all(_is_real(v) and math.isfinite(v) for v in values))
 
 
 def check_spec(spec: dict[str, Any], complete: bool = True) -> None:
@@ -242,7 +247,7 @@ def check_spec(spec: dict[str, Any], complete: bool = True) -> None:
                          f"got {spec['interpolation']!r}")
     if 'crop_pct' in spec:
         crop_pct = spec['crop_pct']
-        if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float, np.number)):
+        if not _is_real(crop_pct):
             raise ValueError(f'crop_pct must be a number in (0, 1], got {crop_pct!r}')
         # Without a size, the largest it may be combined with.
         resize_size({'size': spec.get('size', MAX_IMAGE_SIZE), 'crop_pct': crop_pct})
