@@ -24,7 +24,7 @@ from effnetv2_jax.files import (LOCAL_DIR_SCHEME, REMOTE_SCHEMES, OutputKind, at
                                 atomic_write_bytes)
 from effnetv2_jax.layers import PADDINGS
 from effnetv2_jax.model import EfficientNetV2, abstract_variables, create_model
-from effnetv2_jax.transforms import SPEC_KEYS, check_spec
+from effnetv2_jax.transforms import check_spec
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ('variant', 'num_classes', 'padding', 'bn_eps')  # metadata that shapes the model
@@ -87,11 +87,10 @@ def check_metadata(metadata) -> None:
     if spec is not None:
         if not isinstance(spec, dict):
             raise ValueError(f'metadata preprocessing is a {type(spec).__name__}, not a mapping')
-        if all(k in spec for k in SPEC_KEYS):
-            try:
-                check_spec(spec)
-            except TypeError as e:
-                raise ValueError(f'metadata preprocessing: {first_line(e)}') from None
+        try:
+            check_spec(spec, complete=False)
+        except ValueError as e:
+            raise ValueError(f'metadata preprocessing: {e}') from None
     if names is not None and (not isinstance(names, list) or len(names) != classes
                               or not all(isinstance(n, str) for n in names)):
         raise ValueError(f'metadata class_names is not a list of {classes} names')
@@ -129,6 +128,16 @@ def check_variables(variables, metadata: dict[str, Any]) -> None:
         raise ValueError(f'the variables do not fit {name}: {first_few(problems, 4)}')
 
 
+def check_finite(variables, source: str | os.PathLike) -> None:
+    """ValueError (one line) naming the first leaves of `variables` (a tree of arrays) that hold
+    NaN or Inf: a model with such weights outputs NaN, whatever its input."""
+    leaves = traverse_util.flatten_dict(variables, sep='/')
+    bad = [k for k, v in leaves.items() if not np.isfinite(np.asarray(v, np.float32)).all()]
+    if bad:
+        raise ValueError(f'NaN or Inf in {first_few(bad, 4)} of {source}: the model would '
+                         'output NaN')
+
+
 def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:
     """The model that a weights file's metadata (MODEL_KEYS) describes; `overrides` as in
     `create_model` take precedence."""
@@ -159,6 +168,15 @@ def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str 
         atomic_write(path, write, OUTPUT_KINDS[fmt])
 
 
+def _read_metadata_json(folder: Path) -> Any:
+    try:
+        return json.loads((folder / 'metadata.json').read_bytes())
+    except FileNotFoundError:
+        raise ValueError('it has no metadata.json') from None
+    except ValueError as e:  # JSON's, or Unicode's
+        raise ValueError(f'metadata.json is not valid JSON ({first_line(e)})') from None
+
+
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """Returns `(variables, metadata)` of a file `save` wrote, as numpy arrays, or of a
     pretrained name (`PRETRAINED_SCHEMES`: 'hf-hub:timm/tf_efficientnetv2_s.in1k',
@@ -176,7 +194,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     try:
         if path.is_dir():
             import orbax.checkpoint as ocp
-            metadata = json.loads((path / 'metadata.json').read_text())
+            metadata = _read_metadata_json(path)
             with ocp.StandardCheckpointer() as ckptr:
                 variables = ckptr.restore(path.absolute() / 'variables')
         else:

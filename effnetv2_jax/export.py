@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +30,9 @@ import jax
 import jax.numpy as jnp
 
 import effnetv2_jax
-from effnetv2_jax import checkpoint, cli, configs, kernels
+from effnetv2_jax import checkpoint, cli, configs, kernels, transforms
 from effnetv2_jax.messages import first_line
-from effnetv2_jax.files import OutputKind, atomic_write_bytes, check_output
+from effnetv2_jax.files import OutputKind, atomic_write, atomic_write_bytes, check_output
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export accepts any string; these lower & run
 SIDECAR_KEYS = ('input_shape', 'input_dtype', 'output', 'platforms')
@@ -73,13 +74,14 @@ SIDECAR_KIND = OutputKind("a jax.export artifact's JSON description", _is_sideca
 
 
 def _eval_forward(model, variables, image_size: int, batch_size: int | None):
-    """`images -> model.apply(variables, images, train=False)`, after checking the sizes."""
-    if image_size < 1:
-        raise ValueError(f'image size must be >= 1, got {image_size}')
+    """`images -> model.apply(variables, images, train=False)`, after checking the sizes and
+    that the weights are finite."""
+    transforms.check_image_size(image_size, 'image size')
     if batch_size is not None and batch_size < 1:
         raise ValueError(f'batch size must be >= 1 (or None: any), got {batch_size}')
     # Closed over rather than passed as arguments: they lower to constants inside the module.
     variables = {k: variables[k] for k in ('params', 'batch_stats')}
+    checkpoint.check_finite(variables, 'the weights')
     return lambda images: model.apply(variables, images, train=False)
 
 
@@ -127,7 +129,8 @@ def export_onnx(model, variables, image_size: int, *, batch_size: int | None = N
     finally:
         jax2onnx_log.setLevel(level)
     proto.producer_name, proto.producer_version = ONNX_PRODUCER, effnetv2_jax.__version__
-    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in (metadata or {}).items()})
+    onnx.helper.set_model_props(proto, {k: json.dumps(v, allow_nan=False)
+                                        for k, v in (metadata or {}).items()})
     return proto
 
 
@@ -142,14 +145,24 @@ def _write_onnx(output: Path, model, variables, size: int, batch_size: int | Non
 
 def _write_jaxexport(output: Path, model, variables, size: int, batch_size: int | None,
                      info: dict, platforms: Sequence[str] | None) -> tuple[int, list[str]]:
-    """Writes the artifact and its JSON sidecar (`info` plus the platforms); returns the
-    artifact's size in bytes and the platforms it was lowered for."""
+    """Writes the artifact and its JSON sidecar (`info` plus the platforms), both or neither;
+    returns the artifact's size in bytes and the platforms it was lowered for."""
     exported = export(model, variables, size, batch_size=batch_size, platforms=platforms)
     data = exported.serialize()  # a bytearray; no copy (XL: 836 MB)
     lowered_for = list(exported.platforms)
-    atomic_write_bytes(output, data, EXPORT_KIND)
-    atomic_write_bytes(_sidecar(output), json.dumps({**info, 'platforms': lowered_for},
-                                                    indent=2).encode(), SIDECAR_KIND)
+    sidecar = json.dumps({**info, 'platforms': lowered_for}, indent=2, allow_nan=False).encode()
+
+    def write_artifact_then_sidecar(tmp: Path):
+        # The artifact's temporary is written and flushed (a full disk fails here, where it is
+        # likeliest) before the sidecar is put in place; after that only the artifact's rename
+        # is left, so that a failure leaves neither new, and only a crash in the instant between
+        # the two renames could leave one. The artifact appears last: whoever finds it finds its
+        # description beside it.
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        atomic_write_bytes(_sidecar(output), sidecar, SIDECAR_KIND)
+    atomic_write(output, write_artifact_then_sidecar, EXPORT_KIND)
     return len(data), lowered_for
 
 
@@ -170,8 +183,9 @@ def main(argv=None) -> int:
                    help='jaxexport (default; with a JSON sidecar) or onnx (through jax2onnx; '
                    'the description in its metadata_props)')
     p.add_argument('--batch-size', type=int, help='fixed batch size (default: any)')
-    p.add_argument('--image-size', type=int, help="default: metadata['preprocessing']['size'], "
-                   "else the variant's eval size")
+    p.add_argument('--image-size', type=transforms.image_size,
+                   help=f"1 to {transforms.MAX_IMAGE_SIZE}; default: metadata['preprocessing']"
+                   "['size'], else the variant's eval size")
     p.add_argument('--platforms', help=f'comma-separated, out of {",".join(PLATFORMS)} '
                    f'(default: {jax.export.default_export_platform()}; jaxexport only)')
     args = p.parse_args(argv)

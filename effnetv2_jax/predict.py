@@ -1,7 +1,8 @@
 """`python -m effnetv2_jax.predict IMAGE... --weights W [--top-k 5] [--json]`: top-k classes of
 images, through the eval transform the weights' source expects (`Predictor`).
 
-Exit status: 0 done, 2 bad input (unreadable image or weights, bad flag: one line on stderr).
+Exit status: 0 done; 2 bad input (an unreadable image or weights, a bad flag, weights or a
+transform that could only give NaN: one line on stderr); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from effnetv2_jax import cli
 from effnetv2_jax.predictor import Predictor
-from effnetv2_jax.transforms import RESAMPLING
+from effnetv2_jax.transforms import MAX_IMAGE_SIZE, RESAMPLING, image_size
 
 EXAMPLES = """\
   python -m effnetv2_jax.predict cat.jpg --weights hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='images per forward (default 32)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     spec = p.add_argument_group('eval transform overrides (default: the weights\' metadata)')
-    spec.add_argument('--size', type=int, help='crop size')
+    spec.add_argument('--size', type=image_size, help=f'crop size (1 to {MAX_IMAGE_SIZE})')
     spec.add_argument('--resize', choices=('shorter', 'squash'))
     spec.add_argument('--crop-pct', type=float, help='resize to size / crop_pct, then crop')
     spec.add_argument('--interpolation', choices=sorted(RESAMPLING))
@@ -67,11 +68,12 @@ def main(argv=None) -> int:
     try:
         results = predictor.predict(args.images, min(args.top_k, len(predictor.labels)),
                                     progress=len(args.images) > args.batch_size)
-    except ValueError as e:  # an unreadable image
+    except ValueError as e:  # an unreadable image, or logits that overflow
         return cli.fail(str(e))
     if args.json:
         print(json.dumps([{'image': str(path), 'predictions': [p._asdict() for p in top]}
-                          for path, top in zip(args.images, results)], indent=2))
+                          for path, top in zip(args.images, results)], indent=2,
+                         allow_nan=False))  # `predict` gives no NaN; JSON has none
         return cli.EXIT_OK
     width = max(len(p.label) for top in results for p in top)
     for path, top in zip(args.images, results):

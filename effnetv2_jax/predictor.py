@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from effnetv2_jax.cache import enable_compilation_cache
-from effnetv2_jax.checkpoint import build_model, read
+from effnetv2_jax.checkpoint import build_model, check_finite, read
+from effnetv2_jax.messages import first_few
 from effnetv2_jax.transforms import (ImageLike, as_image_list, check_spec, eval_crops,
                                      normalize)
 
@@ -75,6 +76,7 @@ class Predictor:
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         variables, self.metadata = read(weights)
+        check_finite(variables, weights)
         num_classes = self.metadata['num_classes']
         if num_classes == 0:
             raise ValueError(f'{weights} has no classifier (num_classes 0): use '
@@ -117,8 +119,17 @@ class Predictor:
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5,
                 progress: bool = False) -> list[list[Prediction]]:
-        """The `top_k` most probable classes of each image, most probable first."""
+        """The `top_k` most probable classes of each image, most probable first. ValueError if
+        the model's logits of an image overflow to Inf or NaN (weights too large for the
+        dtype): there are no probabilities to give then."""
+        images = as_image_list(images)
         logits = self.logits(images, progress).astype(np.float64)
+        overflowed = np.flatnonzero(~np.isfinite(logits).all(-1))
+        if overflowed.size:
+            names = [images[i] if isinstance(images[i], (str, os.PathLike)) else f'image {i}'
+                     for i in overflowed]
+            raise ValueError(f'the logits of {first_few(names, 3)} overflow to Inf or NaN: the '
+                             f'weights are too large for {jnp.dtype(self.model.dtype).name}')
         probabilities = np.exp(logits - logits.max(-1, keepdims=True))
         probabilities /= probabilities.sum(-1, keepdims=True)
         top = np.argsort(-probabilities, axis=-1, kind='stable')[:, :top_k]

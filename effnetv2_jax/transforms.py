@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -27,6 +28,12 @@ HALF_NORMALISATION = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, BinaryIO]
 
 SPEC_KEYS = ('size', 'resize', 'crop_pct', 'interpolation', 'mean', 'std')
+
+# The largest image side, in pixels, that anything here takes: the crop size of a spec (and so
+# `predict --size`), `export --image-size`, `convert --verify-size`. 8x the largest eval size of
+# any variant (XL: 512); beyond, one image's activations alone take gigabytes, and a mistyped
+# size would end in a MemoryError (or the kernel's OOM killer) instead of one line.
+MAX_IMAGE_SIZE = 4096
 
 RESAMPLING = {
     'bilinear': Image.Resampling.BILINEAR,
@@ -62,7 +69,29 @@ def resize_size(spec: dict[str, Any]) -> int:
     """The side that `eval_transform` resizes to before center-cropping `spec['size']`."""
     if not 0 < spec['crop_pct'] <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {spec['crop_pct']}")
-    return int(spec['size'] / spec['crop_pct'])  # timm's math.floor
+    scale = spec['size'] / spec['crop_pct']
+    if not math.isfinite(scale):
+        raise ValueError(f"crop_pct {spec['crop_pct']} is too small: size / crop_pct overflows")
+    return int(scale)  # timm's math.floor
+
+
+def check_image_size(size, what: str = 'size') -> int:
+    """`size` as an int if it is an integer (not a bool) from 1 to `MAX_IMAGE_SIZE`, else
+    ValueError with a one-line reason naming it `what`."""
+    if (isinstance(size, bool) or not isinstance(size, (int, np.integer))
+            or not 1 <= size <= MAX_IMAGE_SIZE):
+        raise ValueError(f'{what} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels), '
+                         f'got {size!r}')
+    return int(size)
+
+
+def image_size(text: str) -> int:
+    """An image side in pixels, from 1 to `MAX_IMAGE_SIZE` (argparse type)."""
+    try:
+        return check_image_size(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an image size from 1 to {MAX_IMAGE_SIZE} '
+                                         f'pixels, got {text!r}') from None
 
 
 # Beyond this many crops' worth of pixels, `eval_transform` resamples only the crop's region of
@@ -187,20 +216,42 @@ def preprocess(images: ImageLike | Sequence[ImageLike], spec: dict[str, Any]) ->
     return normalize(eval_crops(images, spec), spec)
 
 
-def check_spec(spec: dict[str, Any]) -> None:
-    """ValueError with a one-line reason unless `spec` is a complete, valid transform spec."""
+def _is_real(value) -> bool:
+    """Whether `value` is a real number (a bool is not one here)."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool))
+
+
+def _finite_numbers(values) -> bool:
+    """Whether `values` is 3 finite real numbers."""
+    return (isinstance(values, (list, tuple, np.ndarray)) and len(values) == 3
+            and all(_is_real(v) and math.isfinite(v) for v in values))
+
+
+def check_spec(spec: dict[str, Any], complete: bool = True) -> None:
+    """ValueError with a one-line reason unless `spec` is a valid transform spec: every key of
+    SPEC_KEYS with a valid value (`complete`), or valid values for the keys it has. Valid: `size`
+    an integer from 1 to MAX_IMAGE_SIZE; `mean` 3 finite numbers and `std` 3 finite numbers > 0
+    (anything else could only give NaN or Inf)."""
     missing = [k for k in SPEC_KEYS if k not in spec]
-    if missing:
+    if complete and missing:
         raise ValueError(f'the preprocessing spec lacks {missing} (the weights file carries no '
                          'eval transform: give it explicitly)')
-    if not (isinstance(spec['size'], int) and spec['size'] > 0):
-        raise ValueError(f"size must be a positive integer, got {spec['size']!r}")
-    if spec['resize'] not in ('shorter', 'squash'):
+    if 'size' in spec:
+        check_image_size(spec['size'])
+    if 'resize' in spec and spec['resize'] not in ('shorter', 'squash'):
         raise ValueError(f"resize must be 'shorter' or 'squash', got {spec['resize']!r}")
-    if spec['interpolation'] not in RESAMPLING:
+    if 'interpolation' in spec and not (isinstance(spec['interpolation'], str)
+                                        and spec['interpolation'] in RESAMPLING):
         raise ValueError(f'interpolation must be one of {sorted(RESAMPLING)}, '
                          f"got {spec['interpolation']!r}")
-    resize_size(spec)
-    for key in ('mean', 'std'):
-        if len(spec[key]) != 3:
-            raise ValueError(f'{key} must have 3 values (R, G, B), got {spec[key]!r}')
+    if 'crop_pct' in spec:
+        crop_pct = spec['crop_pct']
+        if not _is_real(crop_pct):
+            raise ValueError(f'crop_pct must be a number in (0, 1], got {crop_pct!r}')
+        # Without a size, the largest it may be combined with.
+        resize_size({'size': spec.get('size', MAX_IMAGE_SIZE), 'crop_pct': crop_pct})
+    if 'mean' in spec and not _finite_numbers(spec['mean']):
+        raise ValueError(f"mean must be 3 finite numbers (R, G, B), got {spec['mean']!r}")
+    if 'std' in spec and not (_finite_numbers(spec['std']) and all(v > 0 for v in spec['std'])):
+        raise ValueError(f"std must be 3 finite numbers > 0 (R, G, B), got {spec['std']!r}")

@@ -67,10 +67,13 @@ def test_read_names_the_leaf_that_does_not_fit_the_model(tmp_path, small_variabl
     ({'preprocessing': [224]}, 'preprocessing is a list'),
     ({'preprocessing': {'size': 'big', 'resize': 'shorter', 'crop_pct': 1.0,
                         'interpolation': 'bicubic', 'mean': [0, 0, 0], 'std': [1, 1, 1]}},
-     "size must be a positive integer, got 'big'"),
+     "size must be an integer from 1 to 4096 (pixels), got 'big'"),
+    ({'preprocessing': {'size': 10**9}}, 'size must be an integer from 1 to 4096'),
+    ({'preprocessing': {'std': [0.5, 0.5, 0]}}, 'std must be 3 finite numbers > 0'),
     ({'class_names': ['a', 'b']}, 'class_names is not a list of 3 names'),
 ], ids=['unknown-variant', 'variant-number', 'negative-classes', 'bool-classes', 'padding',
-        'eps-0', 'eps-text', 'preprocessing-list', 'preprocessing-size', 'class-names'])
+        'eps-0', 'eps-text', 'preprocessing-list', 'preprocessing-size',
+        'partial-preprocessing-size', 'partial-preprocessing-std', 'class-names'])
 def test_read_refuses_invalid_metadata(tmp_path, small_variables, change, message):
     path = tmp_path / 'w.msgpack'
     write_unchecked_weights(path, small_variables, {**SMALL_METADATA, **change})
@@ -102,5 +105,6 @@ def test_a_missing_file_is_file_not_found(tmp_path):
 def test_an_orbax_folder_without_metadata_is_not_valid(tmp_path, small_variables):
     effnetv2_jax.save(tmp_path / 'w.orbax', small_variables, SMALL_METADATA, fmt='orbax')
     (tmp_path / 'w.orbax' / 'metadata.json').unlink()
-    with pytest.raises(ValueError, match='not a valid effnetv2-jax weights file'):
+    with pytest.raises(ValueError, match='not a valid effnetv2-jax weights file: it has no '
+                                         'metadata.json'):
         checkpoint.read(tmp_path / 'w.orbax')

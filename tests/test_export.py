@@ -73,7 +73,10 @@ def weights_file(tmp_path_factory, variables):
 
 def run_cli(capsys, *argv):
     """`main(argv)` in process: returns (exit status, stdout, stderr lines)."""
-    status = main([str(a) for a in argv])
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        status = e.code
     out, err = capsys.readouterr()
     return status, out, err.splitlines()
 
