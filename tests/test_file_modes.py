@@ -70,15 +70,7 @@ def save_pretrained(_) -> list[str]:
 WRITERS = {'save-msgpack': save_msgpack, 'export': export, 'convert': convert_to_msgpack,
            'convert-to-torch': convert_to_torch, 'convert-to-safetensors': convert_to_safetensors,
            'convert-save-pretrained': save_pretrained}
-# safetensors' save_file (0.8) makes its file 0600 whatever the umask, replacing the temporary
-# that files.atomic_write gave the umask's mode.
-SAFETENSORS_0600 = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                     reason='safetensors.save_file writes 0600')
-
-
-@pytest.mark.parametrize('writer', [
-    pytest.param(name, marks=SAFETENSORS_0600) if name in (
-        'convert-to-safetensors', 'convert-save-pretrained') else name for name in WRITERS])
+@pytest.mark.parametrize('writer', list(WRITERS))
 def test_outputs_follow_the_umask_when_created_and_when_replaced(folder, small_variables, writer):
     for umask in UMASKS:
         os.umask(umask)
