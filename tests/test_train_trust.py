@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import effnetv2_jax
+from effnetv2_jax.files import OutputError
 from helpers import SMALL_METADATA, assert_one_line_error
 from train import loop, report
 from train.__main__ import main as train_main
@@ -262,6 +263,18 @@ def test_a_file_of_someone_elses_is_no_metrics_log(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError, match='is not a metrics log of python -m train'):
         read_metrics_log(path)
+
+
+def test_a_full_disk_while_logging_is_one_line_and_leaves_a_log_a_resume_reads(full_disk):
+    reporter = report.Reporter(str(full_disk(64)), total_steps=1, first_step=0)
+    with pytest.raises(OutputError) as failed:
+        for step in range(10_000):
+            reporter.write(step, {'train/loss': 1 / 3, 'note': 'x' * 100})
+    reporter.close()
+    path = reporter.workdir / METRICS_FILE
+    assert str(failed.value) == f'cannot write {path}: no space left on device'
+    rows, _ = read_metrics_log(path)
+    assert [row['step'] for row in rows] == list(range(len(rows)))
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(resumable, data, capsys):
