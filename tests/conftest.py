@@ -1,6 +1,8 @@
 """Fixtures shared by several test files (plain helpers are in helpers.py)."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from train.digits import materialize_digits
@@ -22,3 +24,28 @@ def small_variables():
     from helpers import random_variables
     model = effnetv2_jax.create_model('b0', num_classes=3)
     return jax.device_get(random_variables(model, np.zeros((1, 32, 32, 3), np.float32)))
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A factory: `full_disk(size_kb)` mounts a tmpfs of `size_kb` KiB on a new folder and returns
+    it, a disk that fills up for real (ENOSPC); unmounted after the test. Skips the test where
+    mounting is not allowed (it needs root, as here and in CI)."""
+    mounted = []
+
+    def mount(size_kb: int):
+        folder = tmp_path / f'disk-{len(mounted)}'
+        folder.mkdir()
+        try:
+            result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_kb}k', 'tmpfs',
+                                     str(folder)], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f'cannot mount a tmpfs: {e}')
+        if result.returncode != 0:
+            pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(['umount', '--lazy', str(folder)], capture_output=True, timeout=30)

@@ -112,6 +112,22 @@ def test_class_folders_without_images_raise_data_error(tmp_path):
         ip.scan_image_folder(str(tmp_path))
 
 
+def test_an_image_that_is_a_symlink_loop_is_listed_to_be_counted_unreadable(tmp_path):
+    make_folder(tmp_path, {'a': 2})
+    (tmp_path / 'a' / 'loop.png').symlink_to('loop.png')
+    (tmp_path / 'a' / 'notes.txt').symlink_to('notes.txt')  # no image: left out as before
+    found = ip.scan_image_folder(str(tmp_path))
+    assert [os.path.basename(p) for p in found.paths] == ['000.png', '001.png', 'loop.png']
+    assert ip.load_image(found.paths[2], warn=False) is None
+
+
+def test_a_class_folder_that_is_a_symlink_loop_raises_data_error(tmp_path):
+    make_folder(tmp_path, {'a': 2})
+    (tmp_path / 'b').symlink_to('b')
+    with pytest.raises(ip.DataError, match=f'cannot read {tmp_path / "b"}: Too many levels'):
+        ip.scan_image_folder(str(tmp_path))
+
+
 def test_train_val_class_mismatch_raises_data_error(tmp_path):
     make_folder(tmp_path / 'train', {'a': 1, 'b': 1})
     make_folder(tmp_path / 'val', {'a': 1, 'c': 1})

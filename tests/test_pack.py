@@ -4,6 +4,7 @@ bitwise the weights training from the folder ends with."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -143,6 +144,50 @@ def test_packing_again_replaces_a_packed_folder(digits, tmp_path):
     pack(Path(digits) / 'val', out, '--shards', '1')
     assert sorted(p.name for p in Path(out).iterdir()) == [
             records.DATASET_FILE, 'train-00000-of-00001.array_record']
+
+
+def test_packing_into_an_empty_folder_fills_it(digits, tmp_path):
+    (tmp_path / 'out').mkdir()
+    pack(Path(digits) / 'val', tmp_path / 'out', '--shards', '1')
+    assert (tmp_path / 'out' / records.DATASET_FILE).exists()
+
+
+def add_a_file(out: Path):
+    (out / 'notes.txt').write_text('mine')
+
+
+def add_a_folder(out: Path):
+    (out / 'mine').mkdir()
+
+
+def describe_another_format(out: Path):
+    (out / records.DATASET_FILE).write_text(json.dumps({'format': 'my own', 'version': 1}))
+
+
+@pytest.mark.parametrize('change', [add_a_file, add_a_folder, describe_another_format])
+def test_packing_again_leaves_a_folder_holding_more_than_a_pack_alone(
+        digits, tmp_path, capsys, change):
+    out = Path(pack(Path(digits) / 'val', tmp_path / 'out', '--shards', '1'))
+    change(out)
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    assert pack_main([str(Path(digits) / 'val'), str(out)]) == 2
+    assert 'exists and is not a folder of effnetv2-jax packed images' in assert_one_line_error(
+            capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_image_that_is_a_symlink_loop_is_a_one_line_error(digits, tmp_path, capsys):
+    """A file whose bytes cannot be read cannot be copied into a record."""
+    folder = tmp_path / 'data'
+    shutil.copytree(Path(digits) / 'val', folder)
+    (folder / '3' / 'loop.png').symlink_to('loop.png')
+    assert pack_main([str(folder), str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err  # after the progress bar of the packing it stopped
+    assert 'Traceback' not in err
+    assert err.splitlines()[-1] == (f'error: cannot read {folder / "3" / "loop.png"}: Too many '
+                                    'levels of symbolic links')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data']
 
 
 @pytest.fixture(scope='module')

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         return cli.fail(str(e))
     init_distributed(config)
     enable_compilation_cache()
+    from effnetv2_jax.files import OutputError
     from train import loop
     from train.input_pipeline import DataError
     from train.report import data_wait_warning
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
             print(json.dumps(result))
             return cli.EXIT_OK
         summary = loop.train_and_evaluate(config)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, OutputError) as e:
         return cli.fail(str(e))
     except loop.Preempted as e:
         print(str(e), file=sys.stderr)

@@ -148,26 +148,49 @@ def read_packed(root: str) -> dict[str, PackedImages]:
 
 
 def scan_image_folder(root: str) -> ImageFolder:
-    """Reads `root/<class>/<image>` (one level, hidden entries skipped, everything sorted)."""
+    """Reads `root/<class>/<image>` (one level, hidden entries skipped, everything sorted). An
+    image entry that cannot even be examined (a symlink loop) is listed like any other file, to
+    be counted as unreadable where it is drawn; a class folder that cannot be is a `DataError`."""
     if not os.path.isdir(root):
         raise DataError(f'data folder {root} is a file, not a folder' if os.path.exists(root)
                         else f'data folder not found: {root}')
-    class_names = tuple(sorted(e.name for e in os.scandir(root)
-                               if e.is_dir() and not e.name.startswith('.')))
+    class_names = tuple(sorted(e.name for e in _entries(root)
+                               if not e.name.startswith('.') and _is_class_folder(e)))
     if not class_names:
         raise DataError(f'no class subfolders in {root} (expected {root}/<class>/<image>)')
     paths, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(e.name for e in os.scandir(folder) if e.is_file()
-                       and not e.name.startswith('.')
-                       and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(e.name for e in _entries(folder) if not e.name.startswith('.')
+                       and e.name.lower().endswith(IMAGE_EXTENSIONS) and _may_be_image(e))
         paths += [os.path.join(folder, f) for f in files]
         labels += [label] * len(files)
     if not paths:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in the class folders of '
                         f'{root}')
     return ImageFolder(root, tuple(paths), np.asarray(labels, np.int32), class_names)
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as e:
+        raise DataError(f'cannot read {folder}: {e.strerror or first_line(e)}') from None
+
+
+def _is_class_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError as e:  # ELOOP: a symlink loop, which may have been meant as a class folder
+        raise DataError(f'cannot read {entry.path}: {e.strerror or first_line(e)}') from None
+
+
+def _may_be_image(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # ELOOP: unreadable, like a file that does not decode
+        return True
 
 
 def _given_splits(data_dir: str) -> tuple[ImageSource, ImageSource | None]:

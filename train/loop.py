@@ -7,11 +7,12 @@ with the same parameters as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -22,15 +23,18 @@ from jax.experimental import multihost_utils
 import effnetv2_jax
 from convert import hub
 from effnetv2_jax import checkpoint, cli
-from effnetv2_jax.files import check_output
+from effnetv2_jax.files import check_apart, check_output
+from effnetv2_jax.messages import write_failure
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, flag
 from train.digits import materialize_digits
 from train.evaluation import Validation, evaluate, total_over_processes
 from train.progressive import ProgressiveStage, make_stages, stage_at
 from train.report import WORKDIR_OUTPUTS, MetricsWindow, Reporter, Throughput, plot_curves
-from train.run_checkpoints import RunCheckpoints
+from train.run_checkpoints import DamagedCheckpoint, RunCheckpoints
+from train.workdir import Workdir
+from train.workdir import make as make_workdir
 
 WEIGHTS_FILE = 'model.msgpack'  # the final weights, in `python -m convert`'s format
 
@@ -47,14 +51,21 @@ class Preemption:
     when asked about exactly that step, hence the question at every step (measured: under 0.1 ms
     a question)."""
 
-    def __init__(self, run_checkpoints: RunCheckpoints):
+    def __init__(self, run_checkpoints: RunCheckpoints, first_step: int):
         self.run_checkpoints = run_checkpoints
         self.sigterm = False
+        self.previous_handler = None
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         else:  # the step the run starts at, as the manager assumes 0, which a resumed run never
             # asks about: a SIGTERM before the first step then stops the run after it
-            run_checkpoints.reached_preemption(run_checkpoints.latest_step() or 0)
+            run_checkpoints.reached_preemption(first_step)
+
+    def close(self):
+        """SIGTERM is handled as before the run again."""
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            self.previous_handler = None
 
     def _on_sigterm(self, *_):
         self.sigterm = True
@@ -65,15 +76,21 @@ class Preemption:
                                 and self.run_checkpoints.reached_preemption(step))
 
 
-def _check_outputs(workdir: Path):
-    """`ConfigError` now, rather than after the training, if a file the run will write into
-    `workdir` exists and is not of its kind (files.check_output)."""
-    outputs = {**WORKDIR_OUTPUTS, WEIGHTS_FILE: checkpoint.OUTPUT_KINDS['msgpack']}
-    try:
-        for name, kind in outputs.items():
-            check_output(workdir / name, kind)
-    except OSError as e:
-        raise ConfigError(cli.first_line(e)) from None
+# What a run writes into its workdir besides checkpoints, and how a rerun recognises its own.
+OUTPUTS = {**WORKDIR_OUTPUTS, WEIGHTS_FILE: checkpoint.OUTPUT_KINDS['msgpack']}
+
+# Flags a resumed run keeps, with what of their value decides what the train state holds (the
+# model, the optimizer's state, the EMA copy): a checkpoint saved with another one cannot be
+# restored into this run, or would be restored into something else.
+KEPT_ON_RESUME = {'variant': str, 'optimizer': str, 'ema_decay': lambda v: v > 0,
+                  'freeze_backbone': bool, 'grad_clip': lambda v: v > 0}
+
+
+def _check_workdir_apart(config: TrainConfig):
+    """`OutputError` if the workdir is, contains or lies inside --data-dir or --init: the run
+    writes its checkpoints and weights there (the digits it writes itself are no input)."""
+    check_apart(config.workdir, [p for p in (config.data_dir, config.init) if p],
+                what='--workdir')
 
 
 def _check_save_pretrained(config: TrainConfig):
@@ -95,36 +112,20 @@ def _check_save_pretrained(config: TrainConfig):
         raise ConfigError(f'--save-pretrained: {cli.first_line(e)}') from None
 
 
-def _data_dir(config: TrainConfig) -> str:
+def _data_dir(config: TrainConfig, make_workdir: Callable[[], Path]) -> str:
+    """--data-dir, else the digits, written under the workdir (`make_workdir()` makes it)."""
     if config.data_dir:
         return config.data_dir
-    workdir = _make_workdir(config)
-    root = str(workdir / 'digits')
+    root = str(make_workdir() / 'digits')
     if jax.process_index() == 0:
         try:
             materialize_digits(root)
         except OSError as e:
             raise input_pipeline.DataError(f'cannot write the digits to {root}: '
-                                           f'{cli.first_line(e)}') from None
+                                           f'{write_failure(e)}') from None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('digits materialised')
     return root
-
-
-def _make_workdir(config: TrainConfig) -> Path:
-    """The workdir, created if missing; `ConfigError` when it cannot be a writable folder or holds
-    a file in the place of one the run writes (`_check_outputs`)."""
-    workdir = Path(config.workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f'--workdir {workdir} is a file, not a folder') from None
-    except OSError as e:
-        raise ConfigError(f'--workdir {workdir}: {cli.first_line(e)}') from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise ConfigError(f'--workdir {workdir} is not writable')
-    _check_outputs(workdir)
-    return workdir
 
 
 def _eval_spec(config: TrainConfig, variant, init_metadata: dict | None) -> dict:
@@ -169,16 +170,46 @@ def _init_variables(model, seed: int):
     return jax.device_get(variables)
 
 
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def _check_same_run(config: TrainConfig, class_names, saved: dict | None):
+    """`ConfigError` unless a checkpoint's `saved` run (None: saved before runs saved theirs)
+    had this run's `KEPT_ON_RESUME` flags and classes."""
+    if not saved:
+        return
+    advice = 'choose a new --workdir'
+    for name, decisive in KEPT_ON_RESUME.items():
+        now = getattr(config, name)
+        before = saved['config'].get(name, now)
+        if decisive(before) != decisive(now):
+            before, now = _flag_value(before), _flag_value(now)
+            raise ConfigError(f'workdir {config.workdir} was trained with {flag(name)} {before}; '
+                              f'asked for {flag(name)} {now}: rerun with {flag(name)} {before} '
+                              f'or {advice}')
+    if saved['class_names'] != list(class_names):
+        raise ConfigError(f'workdir {config.workdir} was trained on the classes '
+                          f'{cli.first_few(saved["class_names"], 5)}; the data has '
+                          f'{cli.first_few(class_names, 5)}: rerun with the data it was trained '
+                          f'on or {advice}')
+
+
 def _initial_state(config: TrainConfig, run_checkpoints: RunCheckpoints, mesh, model, tx,
-                   variables) -> tuple[trainer.TrainState, trainer.TrainState, dict | None]:
-    """(state, its shardings, the saved progress): the newest checkpoint's state placed on this
-    mesh (whatever device count saved it), else a fresh one from `variables` (None: initialised
-    from `config.seed`) with no progress."""
+                   variables, class_names
+                   ) -> tuple[trainer.TrainState, trainer.TrainState, dict | None]:
+    """(state, its shardings, the saved progress): the newest readable checkpoint's state placed
+    on this mesh (whatever device count saved it), else a fresh one from `variables` (None:
+    initialised from `config.seed`) with no progress. `ConfigError` for a checkpoint of another
+    run (`_check_same_run`)."""
     abstract, state_sharding = trainer.abstract_state(mesh, tx, model, ema=config.ema_decay > 0)
-    resume_step = run_checkpoints.latest_step()
-    if resume_step is not None:
-        return (run_checkpoints.restore_state(resume_step, abstract), state_sharding,
-                run_checkpoints.restore_progress(resume_step))
+    resumed = run_checkpoints.restore_latest(
+            abstract, functools.partial(_check_same_run, config, class_names))
+    if resumed is not None:
+        state, progress = resumed
+        return state, state_sharding, progress
     if variables is None:
         variables = _init_variables(model, config.seed)
     create = functools.partial(trainer.create_state, tx, ema=config.ema_decay > 0)
@@ -186,21 +217,31 @@ def _initial_state(config: TrainConfig, run_checkpoints: RunCheckpoints, mesh, m
 
 
 def _stage_batches(config: TrainConfig, folder, stage: ProgressiveStage, step: int,
-                   saved_progress: dict | None, run_checkpoints: RunCheckpoints):
+                   saved_progress: dict | None, run_checkpoints: RunCheckpoints,
+                   reporter: Reporter):
     """An iterator over the local batches of `stage` from `step`: at the saved iterator position
-    when the resumed checkpoint was saved by this stage with the same process and worker layout,
-    else at the stream's position for `step` (a pure function of it)."""
-    restore = saved_progress == run_checkpoints.progress(step, stage.index)
-    data = iter(input_pipeline.train_dataset(
-            folder, global_batch_size=config.batch_size, image_size=stage.image_size,
-            randaug_layers=config.randaug_layers, randaug_magnitude=stage.randaug,
-            seed=config.seed, stage=stage.index, process_index=jax.process_index(),
-            process_count=jax.process_count(), num_workers=config.num_workers,
-            min_scale=config.min_scale, flip=config.flip,
-            start_step=stage.first_step if restore else step))
-    if restore:
-        run_checkpoints.restore_iterator(step, data)
-    return data
+    when the resumed checkpoint was saved by this stage with the same process and worker layout
+    (and that position can be read), else at the stream's position for `step` (a pure function
+    of it)."""
+    def batches(start_step: int):
+        return iter(input_pipeline.train_dataset(
+                folder, global_batch_size=config.batch_size, image_size=stage.image_size,
+                randaug_layers=config.randaug_layers, randaug_magnitude=stage.randaug,
+                seed=config.seed, stage=stage.index, process_index=jax.process_index(),
+                process_count=jax.process_count(), num_workers=config.num_workers,
+                min_scale=config.min_scale, flip=config.flip, start_step=start_step))
+
+    if saved_progress == run_checkpoints.progress(step, stage.index):
+        data = batches(stage.first_step)
+        try:
+            run_checkpoints.restore_iterator(step, data)
+            return data
+        except DamagedCheckpoint as e:
+            data.close()
+            reporter.warn(f'warning: the data position in checkpoint {step} of {config.workdir} '
+                          f'cannot be read ({e}); the data stream goes on from the position of '
+                          f'step {step}')
+    return batches(step)
 
 
 def _log_window(reporter: Reporter, step: int, window: MetricsWindow, throughput: Throughput,
@@ -219,12 +260,20 @@ def _log_window(reporter: Reporter, step: int, window: MetricsWindow, throughput
 
 def train_and_evaluate(config: TrainConfig) -> dict:
     """Trains per `config`; returns the summary {'best_top1', 'seconds', 'images_per_second',
-    'weights', ...}. Raises `ConfigError` for a configuration this machine cannot run,
-    `input_pipeline.DataError` for bad data, `Preempted` on SIGTERM."""
-    started = time.time()
+    'weights', ...}. Raises `ConfigError` for a configuration this machine cannot run or a
+    workdir it may not use, `input_pipeline.DataError` for bad data, `files.OutputError` for an
+    output that cannot be written, `Preempted` on SIGTERM."""
+    _check_workdir_apart(config)
     _check_save_pretrained(config)
+    with Workdir(config.workdir, OUTPUTS) as workdir, contextlib.ExitStack() as run:
+        return _train(config, workdir, run)  # `run` ends before the workdir is released
+
+
+def _train(config: TrainConfig, claimed: Workdir, run: contextlib.ExitStack) -> dict:
+    """`train_and_evaluate` in `claimed`, whose resources `run` releases."""
+    started = time.time()
     train_folder, val_folder = input_pipeline.find_splits(
-            _data_dir(config), config.val_split, config.seed)
+            _data_dir(config, claimed.claim), config.val_split, config.seed)
     for folder in (train_folder, val_folder):
         if folder is not None:
             input_pipeline.require_readable(folder)
@@ -243,14 +292,19 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     if config.batch_size % jax.device_count():
         raise ConfigError(f'--batch-size {config.batch_size} is not a multiple of the '
                           f'{jax.device_count()} devices')
-    workdir = _make_workdir(config)  # once the data and --init are known to be usable
-    run_checkpoints = RunCheckpoints(workdir, config.keep_checkpoints, config.num_workers)
-    preemption = Preemption(run_checkpoints)
+    workdir = claimed.claim()  # once the data and --init are known to be usable
+    run_checkpoints = run.enter_context(RunCheckpoints(
+            workdir, config.keep_checkpoints, config.num_workers,
+            run={'config': dataclasses.asdict(config),
+                 'class_names': list(train_folder.class_names)}))
     state, state_sharding, saved_progress = _initial_state(
-            config, run_checkpoints, mesh, model, tx, variables)
+            config, run_checkpoints, mesh, model, tx, variables, train_folder.class_names)
     step = int(state.step)
+    preemption = Preemption(run_checkpoints, step)
+    run.callback(preemption.close)
 
     reporter = Reporter(workdir, total_steps, step, config.tensorboard)
+    run.callback(reporter.close)  # before an error's line, which then starts a line of its own
     reporter.print(
             f'{config.variant} on {config.data_dir or "digits"}: {len(train_folder)} train / '
             f'{len(val_folder) if val_folder else 0} val images, {num_classes} classes; '
@@ -271,7 +325,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     for stage in stages[stages.index(stage_at(stages, step)):]:
         if step >= stage.last_step:
             continue
-        data = _stage_batches(config, train_folder, stage, step, saved_progress, run_checkpoints)
+        data = _stage_batches(config, train_folder, stage, step, saved_progress, run_checkpoints,
+                              reporter)
         step_fn = trainer.jit_train_step(
                 mesh, state_sharding, model=model.clone(dropout_rate=stage.dropout), tx=tx,
                 schedule=schedule, spec=spec, base_key=jax.random.key(config.seed),
@@ -358,7 +413,7 @@ def evaluate_weights(config: TrainConfig) -> dict:
     are over the 'images' that could be read, 'skipped_images' counts the others."""
     if not config.init:
         raise ConfigError('--eval-only needs --init WEIGHTS')
-    folder = input_pipeline.eval_split(_data_dir(config))
+    folder = input_pipeline.eval_split(_data_dir(config, lambda: make_workdir(config.workdir)))
     input_pipeline.require_readable(folder)
     variables, metadata = _read_init(config.init)
     names = metadata.get('class_names') or [str(i) for i in range(metadata['num_classes'])]

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from effnetv2_jax import cli
-from effnetv2_jax.files import atomic_write, check_output
+from effnetv2_jax.files import OutputError, atomic_write, check_output
 from train import records
 from train.input_pipeline import DataError, ImageFolder, find_splits
 
@@ -32,7 +32,7 @@ def _shard_records(folder: ImageFolder, indices: np.ndarray, progress: tqdm):
         try:
             image = Path(path).read_bytes()
         except OSError as e:
-            raise DataError(f'cannot read {path}: {cli.first_line(e)}') from None
+            raise DataError(f'cannot read {path}: {e.strerror or cli.first_line(e)}') from None
         progress.update()
         yield records.encode_record(image, folder.labels[i], os.path.relpath(path, folder.root))
 
@@ -70,7 +70,12 @@ def pack(folder: str, out: str, shards: int) -> dict:
                 info['splits'][name] = _write_split(tmp, name, split, shards, progress)
         (tmp / records.DATASET_FILE).write_text(json.dumps(info, indent=1))
 
-    atomic_write(out, write, records.OUTPUT_KIND)
+    try:
+        atomic_write(out, write, records.OUTPUT_KIND)
+    except OutputError as e:
+        if isinstance(e.__cause__, DataError):  # an input's fault, not the output's
+            raise e.__cause__ from None
+        raise
     return info
 
 

@@ -98,10 +98,19 @@ def shard_paths(root: str, split: dict) -> list[str]:
 
 
 def _recognise(path) -> bool:
+    """Whether folder `path` may be replaced: it is empty, or holds nothing but a valid
+    `DATASET_FILE` and (some of) the shard files it lists, so that no file of anyone else's goes
+    with it."""
     try:
-        return json.loads((path / DATASET_FILE).read_text()).get('format') == FORMAT
-    except (OSError, ValueError, AttributeError):
+        entries = list(path.iterdir())
+        if not entries:
+            return True
+        info = read_info(str(path))
+        ours = {DATASET_FILE} | {shard['file'] for split in info['splits'].values()
+                                 for shard in split['shards']}
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+    return all(e.name in ours and e.is_file() and not e.is_symlink() for e in entries)
 
 
 OUTPUT_KIND = OutputKind(f'a folder of {FORMAT} (python -m train.pack)', _recognise,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from effnetv2_jax.files import OutputKind, atomic_write
+from effnetv2_jax.files import OutputError, OutputKind, atomic_write
+from effnetv2_jax.messages import write_failure
 from train.config import ConfigError
 
 METRICS_FILE = 'metrics.jsonl'
@@ -20,12 +22,34 @@ PLOT_FILE = 'curves.png'
 DATA_WAIT_LIMIT = 0.10  # beyond this fraction of the run waiting for data, the run says so
 
 
+def _metrics_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and type(row.get('step')) is int else None
+
+
+def read_metrics_log(path: Path) -> tuple[list[dict], bool]:
+    """(the rows of the metrics log `path`, whether its last line was torn and left out). A torn
+    or blank last line is what a run killed or out of disk space while appending leaves; any
+    other line that is not a row {'step': int, ...}, or a file of one such line alone, makes it
+    someone else's file: ValueError."""
+    lines = path.read_text(errors='replace').splitlines()
+    rows = [_metrics_row(line) for line in lines]
+    torn = bool(rows) and rows[-1] is None
+    if torn:
+        rows.pop()
+    if None in rows or (torn and not rows and lines[-1].strip()):
+        raise ValueError(f'{path} is not a metrics log of python -m train')
+    return rows, torn
+
+
 def _is_metrics_log(path: Path) -> bool:
     try:
-        with open(path) as f:
-            first = f.readline()
-        return not first or 'step' in json.loads(first)
-    except (OSError, ValueError, TypeError):
+        read_metrics_log(path)
+        return True
+    except (OSError, ValueError):
         return False
 
 
@@ -59,12 +83,17 @@ class Reporter:
                         disable=not self.enabled, smoothing=0.1)
 
     def _forget_after(self, step: int):
-        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        """A resumed run repeats the steps after its checkpoint: drop their old lines, and a
+        torn last line (with a warning)."""
         path = self.workdir / METRICS_FILE
-        if path.exists():
-            lines = path.read_text().splitlines(keepends=True)
-            kept = ''.join(line for line in lines if json.loads(line)['step'] <= step)
-            atomic_write(path, lambda tmp: tmp.write_text(kept), WORKDIR_OUTPUTS[METRICS_FILE])
+        if not path.exists():
+            return
+        rows, torn = read_metrics_log(path)
+        if torn:
+            print(f'warning: the last line of {path} was cut short (the run writing it was '
+                  'killed or out of disk space); dropped it', file=sys.stderr)
+        kept = ''.join(json.dumps(row) + '\n' for row in rows if row['step'] <= step)
+        atomic_write(path, lambda tmp: tmp.write_text(kept), WORKDIR_OUTPUTS[METRICS_FILE])
 
     def advance(self, steps: int, postfix: dict[str, str]):
         self.bar.set_postfix(postfix, refresh=False)
@@ -74,8 +103,12 @@ class Reporter:
         """Appends one JSON line {'step', 'time', **metrics} (and TensorBoard scalars)."""
         if not self.enabled:
             return
-        with open(self.workdir / METRICS_FILE, 'a') as f:
-            f.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
+        path = self.workdir / METRICS_FILE
+        try:
+            with open(path, 'a') as f:
+                f.write(json.dumps({'step': step, 'time': time.time(), **metrics}) + '\n')
+        except OSError as e:
+            raise OutputError(f'cannot write {path}: {write_failure(e)}') from None
         if self.writer:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
@@ -84,10 +117,16 @@ class Reporter:
         if self.enabled:
             self.bar.write(line)
 
+    def warn(self, line: str):
+        """`line` on stderr, on a line of its own beside the progress bar (of any process)."""
+        self.bar.write(line, file=sys.stderr)
+
     def close(self):
+        """Ends the progress bar's line and the TensorBoard file; once."""
         self.bar.close()
         if self.writer:
             self.writer.close()
+            self.writer = None
 
 
 class MetricsWindow:
@@ -195,7 +234,7 @@ def plot_curves(workdir: str) -> Path | None:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, _ = read_metrics_log(path)
 
     def series(name):
         points = [(r['step'], r[name]) for r in rows if name in r]
