@@ -28,16 +28,16 @@ def small_variables():
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A factory: `full_disk(size_kb)` mounts a tmpfs of `size_kb` KiB on a new folder and returns
-    it, a disk that fills up for real (ENOSPC); unmounted after the test. Skips the test where
-    mounting is not allowed (it needs root, as here and in CI)."""
+    """A factory: `full_disk(n_bytes)` mounts a tmpfs of `n_bytes` (whole pages) on a new folder
+    and returns it, a disk that fills up for real (ENOSPC); unmounted after the test. Skips the
+    test where mounting is not allowed (it needs root, as here and in CI)."""
     mounted = []
 
-    def mount(size_kb: int):
+    def mount(n_bytes: int):
         folder = tmp_path / f'disk-{len(mounted)}'
         folder.mkdir()
         try:
-            result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_kb}k', 'tmpfs',
+            result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={n_bytes}', 'tmpfs',
                                      str(folder)], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
             pytest.skip(f'cannot mount a tmpfs: {e}')

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import jax
@@ -209,26 +208,6 @@ def pages(n_bytes: int) -> int:
     return -(-n_bytes // PAGE) * PAGE
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """`small_disk(n_bytes)`: a new empty folder on a tmpfs of `n_bytes` (whole pages), unmounted
-    after the test; the test is skipped where mounting is not allowed (not root)."""
-    mounts = []
-
-    def mount(n_bytes: int) -> Path:
-        where = tmp_path / f'disk{len(mounts)}'
-        where.mkdir()
-        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={n_bytes}', 'tmpfs',
-                                 str(where)], capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
-        mounts.append(where)
-        return where
-    yield mount
-    for where in mounts:
-        subprocess.run(['umount', str(where)], check=True)
-
-
 @pytest.fixture(scope='module')
 def artifact_bytes(tmp_path_factory, small_variables) -> int:
     """The size of w.msgpack's artifact, as the command writes it."""
@@ -251,9 +230,9 @@ def old_pair() -> dict[str, bytes]:
 @pytest.mark.parametrize('replacing', [False, True], ids=['new', 'replacing'])
 @pytest.mark.parametrize('room', ['for-the-artifact-not-the-sidecar', 'not-for-the-artifact'])
 def test_a_full_disk_leaves_neither_new_file_and_the_old_pair_whole(
-        capsys, folder, small_disk, artifact_bytes, replacing, room):
+        capsys, folder, full_disk, artifact_bytes, replacing, room):
     old = old_pair() if replacing else {}
-    disk = small_disk(sum(pages(len(content)) for content in old.values())
+    disk = full_disk(sum(pages(len(content)) for content in old.values())
                       + pages(artifact_bytes) - (PAGE if room == 'not-for-the-artifact' else 0))
     for name, content in old.items():
         (disk / name).write_bytes(content)

@@ -142,7 +142,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_checkpoint_be
         data, full_disk, tmp_path, capsys):
     """Room for one checkpoint and a half: the second save fails mid-way. Orbax's logging of the
     failure stays silent, its temporary folder is removed, and the first checkpoint resumes."""
-    workdir = full_disk(CHECKPOINT_KIB * 3 // 2) / 'run'
+    workdir = full_disk(CHECKPOINT_KIB * 3 // 2 * 1024) / 'run'
     assert train(data, workdir) == 2
     assert one_error_line(capsys) == (f'error: cannot write {workdir.absolute()}/checkpoints/2: '
                                       'no space left on device')
@@ -266,7 +266,7 @@ def test_a_file_of_someone_elses_is_no_metrics_log(tmp_path, text):
 
 
 def test_a_full_disk_while_logging_is_one_line_and_leaves_a_log_a_resume_reads(full_disk):
-    reporter = report.Reporter(str(full_disk(64)), total_steps=1, first_step=0)
+    reporter = report.Reporter(str(full_disk(64 * 1024)), total_steps=1, first_step=0)
     with pytest.raises(OutputError) as failed:
         for step in range(10_000):
             reporter.write(step, {'train/loss': 1 / 3, 'note': 'x' * 100})
