@@ -22,6 +22,7 @@ EXAMPLES = """  python -m convert efficientnetv2_s.pth                 # -> effi
   python -m convert tf_efficientnetv2_b0.safetensors --format orbax
   python -m convert hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k    # -> tf_efficientnetv2_s.in21k_ft_in1k.msgpack
   python -m convert --to-torch weights.msgpack --layout wzmiaomiao -o model.pth
+  python -m convert efficientnetv2_s.pth --padding symmetric   # timm's efficientnetv2_s, not tf_
   python -m convert runs/flowers/model.msgpack --save-pretrained flowers --push-to-hub me/flowers
 """
 # Flags that describe how to read a PyTorch checkpoint: meaningless for Flax weights and names.
@@ -49,14 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    'state_dict in --layout (.safetensors by suffix, else torch.save)')
     p.add_argument('--layout', type=layout_name, metavar='{' + ','.join(layouts.NAMES) + '}',
                    help='source layout (default: detected); with --to-torch, the target layout '
-                   '(seed is an alias of wzmiaomiao)')
+                   "(default: the weights' source layout; seed is an alias of wzmiaomiao)")
     p.add_argument('--variant', help='s, m, l, xl, b0..b3, or timm\'s rw_t, rw_s, rw_m '
-                   '(default: detected from shapes)')
-    p.add_argument('--padding', choices=PADDINGS, help="default: 'same' for timm "
-                   "(its pretrained EfficientNetV2 weights are tf_*; symmetric for its rw "
-                   "variants), else 'symmetric'")
+                   '(default: detected from shapes); a model name such as efficientnetv2_s '
+                   'also says which of its layout\'s models the weights are of')
+    p.add_argument('--padding', choices=PADDINGS, help="the padding of the weights' models "
+                   "(default: that of the source's models; timm's S, M, L and XL exist as "
+                   "tf_efficientnetv2_* with 'same' padding and as efficientnetv2_* with "
+                   'symmetric: unless the file says which, this flag must)')
     p.add_argument('--bn-eps', type=cli.positive_float,
-                   help='BatchNorm epsilon (default 1e-3; 1e-5 for timm with symmetric padding)')
+                   help="BatchNorm epsilon (default: that of the source's models: 1e-3, 1e-5 for "
+                   "timm's efficientnetv2_*)")
     p.add_argument('--ema', action='store_true', help='take the EMA weights of the checkpoint')
     p.add_argument('--format', choices=('msgpack', 'orbax'), default='msgpack',
                    help='Flax msgpack file (default) or an Orbax checkpoint directory')
@@ -74,8 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--tolerance', type=cli.positive_float, default=None,
                    help='allowed max |Δ logit| / max |logit| (default 1e-5)')
     args = p.parse_args(argv)
-    if args.to_torch and args.layout is None:
-        p.error(f'--to-torch needs --layout {"|".join(layouts.NAMES)}')
     if args.save_pretrained and (args.to_torch or args.output):
         p.error('--save-pretrained DIR is the output: it goes with neither --to-torch nor -o')
     if args.push_to_hub and not args.save_pretrained:
@@ -103,18 +105,32 @@ def default_output(args) -> Path:
         args.format == 'orbax') else '.msgpack')
 
 
-def run_verify(layout: layouts.Layout, metadata, state_dict, variables, size, tolerance) -> bool:
+def run_verify(family: layouts.Family, assumption: str, metadata, state_dict, variables, size,
+               tolerance) -> bool:
     from convert import verify
     tolerance = verify.TOLERANCE if tolerance is None else tolerance
+    print(f'verify: assumed {assumption}')
     flax_model = checkpoint.build_model(metadata)
-    torch_module = verify.torch_model(layout, metadata, state_dict)
+    torch_module = verify.torch_model(family, metadata, state_dict)
     result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
     ok = result.relative <= tolerance and result.same_top1
-    print(f'verify ({layout.name} PyTorch vs Flax, 2 random {size}x{size} images): max |Δ logit| '
+    print(f'verify ({family.model_name(metadata["variant"])} in PyTorch vs Flax, 2 random '
+          f'{size}x{size} images): max |Δ logit| '
           f'{result.max_abs_diff:.3g} = {result.relative:.3g} of max |logit| '
           f'(tolerance {tolerance:g}), same top-1: {result.same_top1} -> '
           f'{"OK" if ok else "FAILED"}')
     return ok
+
+
+def target_layout(args, metadata) -> str:
+    """The PyTorch side of Flax weights: the --to-torch target (--layout, else the layout the
+    weights came from), timm's for the Hub format, else the source layout for --verify."""
+    if args.save_pretrained:
+        return 'timm'
+    if args.to_torch and not (args.layout or metadata.get('source_layout')):
+        raise CheckpointError(f'{args.input} does not say which layout its weights came from; '
+                              f'say which to write with --layout {"|".join(layouts.NAMES)}')
+    return args.layout or metadata.get('source_layout', 'timm')
 
 
 def direction(args) -> str:
@@ -137,35 +153,41 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     output = args.save_pretrained or args.output or default_output(args)
     try:
-        check_output(output, output_kind(args),
-                     inputs=[] if isinstance(args.input, str) else [args.input])
+        check_output(output, output_kind(args), inputs=[args.input])
         if args.flax_input:
             try:
                 variables, metadata = checkpoint.read(args.input)
             except (OSError, ValueError) as e:
                 raise CheckpointError(cli.first_line(e)) from None
-            # The PyTorch side of these weights: the --to-torch target, timm's for the Hub format.
-            layout = layouts.get_layout(args.layout if args.to_torch else 'timm' if (
-                args.save_pretrained) else metadata.get('source_layout', 'timm'))
+            layout = layouts.get_layout(target_layout(args, metadata))
             where = metadata.get('source', 'Flax weights')
             state_dict = converter.flax_to_torch(variables, metadata, layout.name)
-            family = layout.family(metadata['padding'])
+            family = layout.family_for(metadata['variant'], metadata['padding'])
             if args.to_torch and family.padding != metadata['padding']:
                 print(f"warning: these weights expect {metadata['padding']!r} padding; "
                       f"{layout.name}'s models pad {family.padding!r}, so their outputs will "
                       'differ')
+            assumption = (f'{layout.name} {family.model_name(metadata["variant"])}: '
+                          f'{layouts.padding_words(metadata["padding"])}, '
+                          f"{layouts.eps_words(metadata['bn_eps'])} (from the weights' metadata)")
         else:
-            state_dict, where = torch_io.read_state_dict(args.input, ema=args.ema)
-            variables, metadata = converter.torch_to_flax(
-                state_dict, args.layout, args.variant, args.padding, args.bn_eps)
-            layout = layouts.get_layout(metadata['source_layout'])
+            state_dict, where, description = torch_io.read_state_dict(args.input, ema=args.ema)
+            try:
+                reading = converter.resolve(state_dict, args.layout, args.variant, args.padding,
+                                            args.bn_eps, description)
+            except CheckpointError as e:
+                raise CheckpointError(f'{args.input}: {e}') from None
+            variables, metadata = converter.to_flax(state_dict, reading)
+            layout, family, assumption = reading.layout, reading.family, reading.assumption
         if not args.allow_nonfinite:
             converter.check_finite(state_dict)
-        if args.verify and not run_verify(layout, metadata, state_dict, variables,
+        if args.verify and not run_verify(family, assumption, metadata, state_dict, variables,
                                           args.verify_size, args.tolerance):
             return cli.fail('verification failed; nothing written', cli.EXIT_MISMATCH)
         if args.to_torch:
-            torch_io.write_state_dict(output, state_dict)
+            torch_io.write_state_dict(output, state_dict, model={
+                'layout': layout.name, **{k: metadata[k] for k in ('variant', 'padding',
+                                                                   'bn_eps')}})
         elif args.save_pretrained:
             hub.save_pretrained(variables, metadata, output)
         else:

@@ -1,13 +1,13 @@
 """PyTorch state_dict <-> Flax variables for EfficientNetV2, strict in both directions."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from convert import layouts
-from convert.torch_io import CheckpointError
-from convert.layouts import Layout
+from convert.layouts import Family, Layout
+from convert.torch_io import CheckpointError, Description
 from effnetv2_jax.checkpoint import check_variables
 from effnetv2_jax.messages import first_few
 from effnetv2_jax.configs import VARIANTS, Variant, get_variant
@@ -44,16 +44,31 @@ def resolve_variant(state_dict, layout: Layout, num_classes: int, variant: str |
                           f'(closest: {best.name}; {_diff_report(expected, state_dict)})')
 
 
-def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
-                  variant: str | None = None, padding: str | None = None,
-                  bn_eps: float | None = None) -> tuple[dict, dict[str, Any]]:
-    """Maps a torch state_dict onto Flax `{'params', 'batch_stats'}` plus the file metadata.
+class Reading(NamedTuple):
+    """How a state_dict is read: the PyTorch model its tensors are taken to be of, and why."""
+    layout: Layout
+    variant: Variant
+    num_classes: int
+    family: Family  # the layout's models the tensors are of
+    padding: str  # the family's, unless a flag or the file says otherwise
+    bn_eps: float
+    # For --verify, e.g. "timm efficientnetv2_s: symmetric padding, BN eps 1e-5 (from the
+    # checkpoint's arch)"
+    assumption: str
 
-    Layout (a name or alias of `layouts.LAYOUTS`), variant and num_classes are detected unless
-    given; padding and BN eps default to those of the layout's models of that variant (timm: its
-    tf_ models, 'same' and 1e-3, except for the rw variants only its symmetric models have, and
-    1e-5 whenever the padding is symmetric). Strict: every tensor consumed, every leaf filled,
-    every shape checked, else `CheckpointError` naming the offending keys.
+
+def resolve(state_dict: dict[str, np.ndarray], layout: str | None = None,
+            variant: str | None = None, padding: str | None = None, bn_eps: float | None = None,
+            description: Description | None = None) -> Reading:
+    """How `torch_to_flax` reads `state_dict`: layout, variant and classes from the tensors
+    (unless given), the family of the layout's models they are of (`_family`), and that
+    family's padding and BN eps unless `padding`, `bn_eps` or the file's `description` (see
+    `torch_io.read_state_dict`) say otherwise.
+
+    CheckpointError when the tensors fit no model, when the description contradicts them, and
+    when they fit two families and nothing says which (timm's tf_efficientnetv2_s, 'same' and
+    eps 1e-3, and efficientnetv2_s, symmetric and 1e-5, have the same tensors): a guess would
+    convert one of the two wrongly, and --verify, running the guessed model, would agree.
     """
     try:
         source = layouts.get_layout(layout) if layout else layouts.detect_layout(state_dict)
@@ -66,23 +81,103 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
     if report:
         raise CheckpointError(f'state_dict does not fit EfficientNetV2-{var.name.upper()} '
                               f'({source.name} layout): {report}')
-    family = source.family(padding) if padding else source.default_family(var.name)
-    padding = padding or family.padding
-    if padding not in PADDINGS:
-        raise CheckpointError(f'padding must be one of {PADDINGS}, got {padding!r}')
+    for given in (padding, description and description.padding):
+        if given and given not in PADDINGS:
+            raise CheckpointError(f'padding must be one of {PADDINGS}, got {given!r}')
+    family, because, said_padding, said_eps = _family(source, var, variant, padding, description)
+    # Flags win over what the file says, which wins over the family's own.
+    chosen_padding = padding or said_padding or family.padding
+    eps = float(bn_eps) if bn_eps is not None else said_eps if said_eps is not None else (
+        family.bn_eps)
+    flagged = lambda given, flag: f' ({flag})' if given is not None and flag not in because else ''
+    assumption = (f'{source.name} {family.model_name(var.name)}: '
+                  f'{layouts.padding_words(chosen_padding)}{flagged(padding, "--padding")}, '
+                  f'{layouts.eps_words(eps)}{flagged(bn_eps, "--bn-eps")} ({because})')
+    return Reading(source, var, num_classes, family, chosen_padding, eps, assumption)
+
+
+def _family(source: Layout, var: Variant, variant: str | None, padding: str | None,
+            description: Description | None) -> tuple[Family, str, str | None, float | None]:
+    """(family, why, padding, BN eps) for tensors of `var` in `source`: the family the file's
+    description names, else the one `variant` names (e.g. 'efficientnetv2_s'), else the only one
+    with the variant, else the one with the `padding` flag; padding and eps are what the
+    description says (None: the family's)."""
+    families = source.families_of(var.name)
+    if not families:
+        raise CheckpointError(f'{source.source} has no EfficientNetV2-{var.name.upper()}')
+    if description is not None:
+        said = description.origin
+        if description.layout not in (None, source.name):
+            raise CheckpointError(f'{said} says {description.layout} layout, but the tensors '
+                                  f'are in the {source.name} layout')
+        if description.variant is not None and description.variant != var.name:
+            raise CheckpointError(f'{said} says EfficientNetV2-{description.variant.upper()}, '
+                                  f'but the tensors are EfficientNetV2-{var.name.upper()}')
+        if description.architecture is not None:
+            name = description.architecture.lower()
+            named = [f for f in families if f.model_name(var.name) == name]
+            if not named:
+                raise CheckpointError(
+                    f'{said} is {description.architecture!r}, but the tensors are '
+                    f"{source.name}'s {' or '.join(f.model_name(var.name) for f in families)}")
+            said_padding, said_eps = None, None
+            if description.model_args:
+                try:
+                    said_padding, said_eps = layouts.timm_model_args(description.model_args)
+                except ValueError as e:
+                    raise CheckpointError(f'{said} is {description.architecture!r} built with '
+                                          f'{e}') from None
+            return named[0], f'from {said}', said_padding, said_eps
+        if description.padding is not None:
+            return (source.family_for(var.name, description.padding), f'from {said}',
+                    description.padding, description.bn_eps)
+    named = [f for f in families if variant and f.model_name(var.name) == variant.lower()]
+    if named:
+        return named[0], 'from --variant', None, None
+    if len(families) == 1:
+        return families[0], f'the only {source.name} model with these tensors', None, None
+    chosen = [f for f in families if f.padding == padding]
+    if len(chosen) == 1:
+        return chosen[0], 'from --padding', None, None
+    choices = ' and '.join(f'{f.model_name(var.name)} ({layouts.padding_words(f.padding)}, '
+                           f'{layouts.eps_words(f.bn_eps)})' for f in families)
+    raise CheckpointError(f"{source.name}'s {choices} have the same tensors; say which with "
+                          + ' or '.join(f'--padding {f.padding}' for f in families))
+
+
+def to_flax(state_dict: dict[str, np.ndarray], reading: Reading) -> tuple[dict, dict[str, Any]]:
+    """Maps a torch state_dict, read as `reading` says, onto Flax `{'params', 'batch_stats'}`
+    plus the file metadata."""
     variables: dict = {'params': {}, 'batch_stats': {}}
-    for e in layouts.entries(var, source, with_classifier=num_classes > 0):
+    for e in layouts.entries(reading.variant, reading.layout,
+                             with_classifier=reading.num_classes > 0):
         node = variables[e.collection]
         for name in e.flax_path[:-1]:
             node = node.setdefault(name, {})
         node[e.flax_path[-1]] = layouts.torch_to_flax_array(state_dict[e.torch_key], e.axes)
     metadata = {
-        'variant': var.name, 'num_classes': num_classes, 'padding': padding,
-        'bn_eps': family.bn_eps if bn_eps is None else float(bn_eps),
-        'source_layout': source.name,
-        'preprocessing': source.preprocessing(var, padding, num_classes),
+        'variant': reading.variant.name, 'num_classes': reading.num_classes,
+        'padding': reading.padding, 'bn_eps': reading.bn_eps,
+        'source_layout': reading.layout.name,
+        'preprocessing': reading.family.spec(reading.variant, reading.num_classes),
     }
     return variables, metadata
+
+
+def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,
+                  variant: str | None = None, padding: str | None = None,
+                  bn_eps: float | None = None, description: Description | None = None
+                  ) -> tuple[dict, dict[str, Any]]:
+    """Maps a torch state_dict onto Flax `{'params', 'batch_stats'}` plus the file metadata.
+
+    Layout (a name or alias of `layouts.LAYOUTS`), variant and num_classes are detected unless
+    given; padding and BN eps are those of the layout's models of the tensors (`resolve`: timm's
+    S, M, L and XL need `padding` or a `description` to say whether they are its tf_ models or
+    its own). Strict: every tensor consumed, every leaf filled, every shape checked, no guess,
+    else `CheckpointError` naming the offending keys or the choices.
+    """
+    return to_flax(state_dict, resolve(state_dict, layout, variant, padding, bn_eps,
+                                       description))
 
 
 def check_finite(state_dict: dict[str, np.ndarray], limit: int = 5):

@@ -20,19 +20,19 @@ import numpy as np
 from convert import converter, layouts
 from convert.torch_io import PRODUCER, CheckpointError
 from effnetv2_jax.messages import first_line
-from effnetv2_jax.configs import get_variant
+from effnetv2_jax.configs import TIMM_OWN, TIMM_TF, get_variant, timm_model
 from effnetv2_jax.files import OutputKind, atomic_write
 from effnetv2_jax.transforms import IMAGENET_NORMALISATION, RESAMPLING, resize_size
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
+# In the metadata of the model.safetensors `save_pretrained` writes: its own writer, not that of
+# a --to-torch file (torch_io.EXPORT_MARK), so that neither is replaced by the other's writer.
+WEIGHTS_MARK = {'format': 'pt', 'producer': PRODUCER, 'written_by': 'save_pretrained'}
 # timm's defaults where a pretrained_cfg leaves a field out (timm.data.resolve_data_config).
 DEFAULT_SIZE, DEFAULT_CROP_PCT, DEFAULT_CROP_MODE = 224, 0.875, 'center'
 CROP_MODES = {'center': 'shorter', 'squash': 'squash'}  # timm's crop_mode -> our `resize`
-# model_args that leave the eval forward alone, with the value they must have (None: any).
 # timm architectures named EfficientNetV2 whose blocks this package does not build, and why.
 UNSUPPORTED = {'gc_efficientnetv2_rw_t': 'global-context attention in place of squeeze-excite'}
-NEUTRAL_MODEL_ARGS = {'in_chans': 3, 'global_pool': 'avg', 'num_classes': None, 'drop_rate': None,
-                      'drop_path_rate': None}
 
 
 def architecture(config: dict) -> tuple[str, str, float]:
@@ -41,25 +41,19 @@ def architecture(config: dict) -> tuple[str, str, float]:
     if name in UNSUPPORTED:
         raise ValueError(f"timm's {name} has {UNSUPPORTED[name]}, a block this package does not "
                          'build')
-    base = name.removeprefix('tf_') if isinstance(name, str) else ''
-    if not base.startswith('efficientnetv2_'):
+    if not isinstance(name, str) or not name.removeprefix('tf_').startswith('efficientnetv2_'):
         raise ValueError(f'its architecture is {name!r}, not an EfficientNetV2 '
                          "(timm's tf_efficientnetv2_* or efficientnetv2_*)")
     try:
-        variant = get_variant(base).name
+        variant, family = timm_model(name)
     except ValueError:
         raise ValueError(f'its architecture {name!r} is not one this package builds') from None
-    padding = 'same' if name.startswith('tf_') else 'symmetric'
-    if 'pad_type' in args:
-        padding = 'same' if args['pad_type'] == 'same' else 'symmetric'
-    unsupported = [f'{k}={v!r}' for k, v in args.items() if k not in ('pad_type', 'bn_eps') and (
-        k not in NEUTRAL_MODEL_ARGS or NEUTRAL_MODEL_ARGS[k] not in (None, v))]
-    if args.get('pad_type', '') not in ('', 'same') or unsupported:
-        raise ValueError(f'its model_args {", ".join(unsupported) or args["pad_type"]} change the '
-                         'architecture in a way this package does not build')
+    try:
+        padding, bn_eps = layouts.timm_model_args(args)
+    except ValueError as e:
+        raise ValueError(f'its model_args {e}') from None
     # timm's default eps follows the architecture's name, not a pad_type given in model_args.
-    default_eps = layouts.TIMM.family('same' if name.startswith('tf_') else 'symmetric').bn_eps
-    return variant, padding, float(args.get('bn_eps', default_eps))
+    return variant.name, padding or family.padding, family.bn_eps if bn_eps is None else bn_eps
 
 
 def preprocessing(pretrained_cfg: dict) -> dict:
@@ -135,8 +129,7 @@ def config(metadata: dict[str, Any]) -> dict[str, Any]:
     variant, padding, bn_eps = metadata['variant'], metadata['padding'], metadata['bn_eps']
     # The architecture whose padding the weights have where timm has it (tf_*: 'same'); else
     # the other one, with pad_type: timm has no tf_ rw variants, and no symmetric B0-B3.
-    in_tf = variant in layouts.TIMM.family('same').variants
-    tf = in_tf and (padding == 'same' or variant not in layouts.TIMM.family('symmetric').variants)
+    tf = variant in TIMM_TF.variants and (padding == 'same' or variant not in TIMM_OWN.variants)
     # bn_eps always: a reader that takes the default eps from the padding rather than from the
     # architecture would read a tf_ model with pad_type '' (still eps 1e-3 in timm) as 1e-5.
     model_args = {'num_classes': metadata['num_classes'], 'bn_eps': bn_eps}
@@ -228,16 +221,20 @@ def model_card(metadata: dict[str, Any], content: dict[str, Any]) -> str:
 
 
 def _is_pretrained_folder(path: Path) -> bool:
-    """A folder `save_pretrained` wrote (or an empty one)."""
+    """A folder `save_pretrained` wrote (or an empty one): nothing but its three files, the
+    weights marked as its own, or with the producer alone as every release wrote them before
+    writers were told apart (a folder of only these names was save_pretrained's then too)."""
     from safetensors import safe_open
     if not path.is_dir() or not {p.name for p in path.iterdir()} <= {
             CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}:
         return False
     try:
         with safe_open(str(path / WEIGHTS_NAME), 'np') as f:
-            return (f.metadata() or {}).get('producer') == PRODUCER['producer']
+            marks = f.metadata() or {}
     except Exception:  # noqa: BLE001 - unreadable: ours only if there is nothing to lose
         return not any(path.iterdir())
+    return marks.get('producer') == PRODUCER and marks.get('written_by') in (
+        WEIGHTS_MARK['written_by'], None)
 
 
 PRETRAINED_KIND = OutputKind('a folder written by effnetv2_jax.save_pretrained',
@@ -258,7 +255,7 @@ def save_pretrained(variables, metadata: dict[str, Any], directory: str | os.Pat
     content = config(metadata)
 
     def write(tmp: Path):
-        save_file(state_dict, tmp / WEIGHTS_NAME, metadata={'format': 'pt', **PRODUCER})
+        save_file(state_dict, tmp / WEIGHTS_NAME, metadata=WEIGHTS_MARK)
         (tmp / CONFIG_NAME).write_text(json.dumps(content, indent=2))
         (tmp / CARD_NAME).write_text(model_card(metadata, content))
     atomic_write(directory, write, PRETRAINED_KIND)

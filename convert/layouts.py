@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from effnetv2_jax.configs import OFFICIAL_VARIANTS, VARIANTS, Stage, Variant
+from effnetv2_jax.configs import (OFFICIAL_VARIANTS, TIMM_OWN, TIMM_TF, VARIANTS, Stage, TimmFamily,
+                                  Variant)
 from effnetv2_jax.checkpoint import variable_leaves
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION
 
@@ -58,18 +59,48 @@ class Preprocessing(NamedTuple):
 
 
 class Family(NamedTuple):
-    """The PyTorch models of one layout that share a padding: what `--verify` runs.
+    """The PyTorch models of one layout that share a padding and BN eps: what `--verify` runs.
 
+    Within a layout, the state_dicts of two families' models of one variant have the same keys
+    and shapes: only a name, a flag or a file's metadata can tell which family weights are of.
     `preprocessing` maps a variant name, or (variant name, number of classes) where one
     checkpoint of the family differs by its classes, to the eval transform of its published
     weights; `default_preprocessing` covers the rest.
     """
+    model: str  # the models' name in their library, '{}' standing for the variant
     padding: str  # 'symmetric' (PyTorch) or 'same' (TensorFlow's SAME)
     variants: tuple[str, ...]
     build: Callable  # (variant name, num_classes, bn_eps) -> torch.nn.Module
     default_preprocessing: Preprocessing
     preprocessing: dict = {}
     bn_eps: float = 1e-3
+
+    def model_name(self, variant: str) -> str:
+        """The name of this family's model of `variant`, e.g. 'tf_efficientnetv2_s'."""
+        return self.model.format(variant)
+
+    def spec(self, variant: Variant, num_classes: int = 1000) -> dict:
+        """The eval transform this family's weights of `variant` expect, as a metadata spec."""
+        found = (self.preprocessing.get((variant.name, num_classes))
+                 or self.preprocessing.get(variant.name))
+        return (found or self.default_preprocessing).spec(variant)
+
+    def torch_model(self, variant: str, num_classes: int, bn_eps: float):
+        """This family's PyTorch model of `variant`, in eval mode, with random weights;
+        ValueError when it has none."""
+        if variant not in self.variants:
+            raise ValueError(f'there is no {self.model_name(variant)}')
+        return self.build(variant, num_classes, bn_eps).eval()
+
+
+def padding_words(padding: str) -> str:
+    """"'same' padding" or 'symmetric padding', for messages."""
+    return f"'{padding}' padding" if padding == 'same' else f'{padding} padding'
+
+
+def eps_words(bn_eps: float) -> str:
+    """'BN eps 1e-3', for messages."""
+    return f'BN eps {np.format_float_scientific(bn_eps, trim="-", exp_digits=1)}'
 
 
 class Layout(NamedTuple):
@@ -84,36 +115,31 @@ class Layout(NamedTuple):
     # (stage, stage index, block index in the stage, block index in the network) -> the torch
     # modules of one block, in the order of `block_parts`
     block_modules: Callable[[Stage, int, int, int], list[TorchModule]]
-    families: tuple[Family, ...]  # the first is the default
-
-    def default_family(self, variant: str) -> Family:
-        """The family assumed for this layout's weights of `variant` unless told otherwise: the
-        first that has the variant (timm's rw variants exist only in its symmetric family)."""
-        return next((f for f in self.families if variant in f.variants), self.families[0])
+    families: tuple[Family, ...]
 
     @property
     def variants(self) -> tuple[str, ...]:
         """The variants some model of this layout exists in."""
         return tuple(v for v in VARIANTS if any(v in f.variants for f in self.families))
 
-    def family(self, padding: str) -> Family:
-        """The family with `padding`, else the default one (whose models then pad otherwise)."""
-        return next((f for f in self.families if f.padding == padding), self.families[0])
+    def families_of(self, variant: str) -> tuple[Family, ...]:
+        """The families with a model of `variant`: more than one when only a name, a flag or
+        metadata can say which the tensors are of (timm's S, M, L, XL)."""
+        return tuple(f for f in self.families if variant in f.variants)
+
+    def family_for(self, variant: str, padding: str) -> Family:
+        """The family of `variant` that pads with `padding`, else its first one (whose models then
+        pad otherwise); ValueError when no family has `variant`."""
+        families = self.families_of(variant)
+        if not families:
+            raise ValueError(f'{self.source} has no EfficientNetV2-{variant.upper()}; its '
+                             f'variants: {", ".join(self.variants)}')
+        return next((f for f in families if f.padding == padding), families[0])
 
     def preprocessing(self, variant: Variant, padding: str, num_classes: int = 1000) -> dict:
-        """The eval transform the weights of `variant` expect, as a metadata spec."""
-        family = self.family(padding)
-        table = family.preprocessing
-        found = table.get((variant.name, num_classes)) or table.get(variant.name)
-        return (found or family.default_preprocessing).spec(variant)
-
-    def torch_model(self, variant: str, num_classes: int, padding: str, bn_eps: float):
-        """The PyTorch model of the family with `padding` (the default family for a padding none
-        has), in eval mode, with random weights; ValueError when it has no such variant."""
-        family = self.family(padding)
-        if variant not in family.variants:
-            raise ValueError(f'{self.source} has no EfficientNetV2-{variant.upper()}')
-        return family.build(variant, num_classes, bn_eps).eval()
+        """The eval transform the weights of `variant` with `padding` expect, as a metadata
+        spec."""
+        return self.family_for(variant.name, padding).spec(variant, num_classes)
 
 
 # --- the three layouts -------------------------------------------------------------------------
@@ -167,20 +193,24 @@ def _build_torchvision(variant: str, num_classes: int, bn_eps: float):
     return getattr(torchvision.models, f'efficientnet_v2_{variant}')(num_classes=num_classes)
 
 
-def _timm_builder(prefix: str) -> Callable:
+def _timm_family(family: TimmFamily, **preprocessing) -> Family:
+    """The layout family of one of timm's families (configs.TIMM_FAMILIES)."""
+    model = family.prefix + '{}'
+
     def build(variant: str, num_classes: int, bn_eps: float):
         try:
             import timm
             import torch
         except ImportError:
             raise ValueError('verifying timm weights needs timm: pip install timm') from None
-        model = timm.create_model(f'{prefix}efficientnetv2_{variant}', pretrained=False,
-                                  num_classes=num_classes)
-        for module in model.modules():  # timm's models take their eps from the weights' source
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.eps = bn_eps
-        return model
-    return build
+        module = timm.create_model(model.format(variant), pretrained=False,
+                                   num_classes=num_classes)
+        for layer in module.modules():  # timm's models take their eps from the weights' source
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.eps = bn_eps
+        return module
+    return Family(model, family.padding, family.variants, build, bn_eps=family.bn_eps,
+                  **preprocessing)
 
 
 def _shorter(size, interpolation, normalisation, crop_pct=1.0) -> Preprocessing:
@@ -202,7 +232,7 @@ WZMIAOMIAO = Layout(
     classifier=Linear('head.classifier'),
     block_modules=_wzmiaomiao_block,
     # Its predict.py: short side to the eval size, bilinear, mean = std = 0.5.
-    families=(Family('symmetric', OFFICIAL_VARIANTS, _build_reference,
+    families=(Family('efficientnetv2_{}', 'symmetric', OFFICIAL_VARIANTS, _build_reference,
                      default_preprocessing=_shorter(None, 'bilinear', HALF)),))
 
 TORCHVISION = Layout(
@@ -213,7 +243,7 @@ TORCHVISION = Layout(
     classifier=Linear('classifier.1'),
     block_modules=_torchvision_block,
     # Its weights' `transforms()`.
-    families=(Family('symmetric', ('s', 'm', 'l'), _build_torchvision,
+    families=(Family('efficientnet_v2_{}', 'symmetric', ('s', 'm', 'l'), _build_torchvision,
                      default_preprocessing=_shorter(None, 'bilinear', IMAGENET),
                      preprocessing={'l': _shorter(480, 'bicubic', HALF)}),))
 
@@ -228,22 +258,41 @@ TIMM = Layout(
     # EfficientNetV2 weights are the tf_* ones (ported from TensorFlow: 'same' padding) and
     # those of its own efficientnetv2_rw_t/_s/_m (symmetric, trained in timm).
     families=(
-        Family('same', OFFICIAL_VARIANTS, _timm_builder('tf_'),
-               default_preprocessing=_shorter(None, 'bicubic', HALF),
-               preprocessing={
-                   'm': _squash(None, 'bicubic', HALF), 'l': _squash(None, 'bicubic', HALF),
-                   'xl': _squash(None, 'bicubic', HALF),
-                   'b0': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.875),
-                   'b1': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.882),
-                   'b2': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.890),
-                   'b3': _squash(300, 'bicubic', HALF, crop_pct=0.9),  # in21k_ft_in1k
-                   ('b3', 21843): _shorter(300, 'bicubic', HALF, crop_pct=0.904),  # in21k
-               }),
+        _timm_family(TIMM_TF, default_preprocessing=_shorter(None, 'bicubic', HALF),
+                     preprocessing={
+                         'm': _squash(None, 'bicubic', HALF), 'l': _squash(None, 'bicubic', HALF),
+                         'xl': _squash(None, 'bicubic', HALF),
+                         'b0': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.875),
+                         'b1': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.882),
+                         'b2': _shorter(None, 'bicubic', IMAGENET, crop_pct=0.890),
+                         'b3': _squash(300, 'bicubic', HALF, crop_pct=0.9),  # in21k_ft_in1k
+                         ('b3', 21843): _shorter(300, 'bicubic', HALF, crop_pct=0.904),  # in21k
+                     }),
         # rw_t/_s/_m (ra2_in1k, agc_in1k): the default, at their eval sizes 288/384/416.
-        Family('symmetric', ('s', 'm', 'l', 'xl', 'rw_t', 'rw_s', 'rw_m'), _timm_builder(''),
-               default_preprocessing=_shorter(None, 'bicubic', IMAGENET),
-               preprocessing={'m': _shorter(416, 'bicubic', IMAGENET)}, bn_eps=1e-5),
+        _timm_family(TIMM_OWN, default_preprocessing=_shorter(None, 'bicubic', IMAGENET),
+                     preprocessing={'m': _shorter(416, 'bicubic', IMAGENET)}),
     ))
+
+# timm's model arguments (a Hub config.json's `model_args`; its train.py's --model-kwargs, --gp
+# and --bn-eps) that leave the eval forward alone, with the value they must have (None: any).
+NEUTRAL_MODEL_ARGS = {'in_chans': 3, 'global_pool': 'avg', 'num_classes': None, 'drop_rate': None,
+                      'drop_path_rate': None}
+
+
+def timm_model_args(args: dict) -> tuple[Optional[str], Optional[float]]:
+    """(padding, BN eps) that timm's model arguments set, None for the architecture's own;
+    ValueError (one line) for arguments that change the network in a way this package does not
+    build."""
+    unsupported = [f'{k}={v!r}' for k, v in args.items() if k not in ('pad_type', 'bn_eps') and (
+        k not in NEUTRAL_MODEL_ARGS or NEUTRAL_MODEL_ARGS[k] not in (None, v))]
+    if args.get('pad_type', '') not in ('', 'same'):
+        unsupported.append(f'pad_type={args["pad_type"]!r}')
+    if unsupported:
+        raise ValueError(f'{", ".join(unsupported)}, which changes the network in a way this '
+                         'package does not build')
+    padding = None if 'pad_type' not in args else 'same' if args['pad_type'] else 'symmetric'
+    return padding, None if args.get('bn_eps') is None else float(args['bn_eps'])
+
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (WZMIAOMIAO, TORCHVISION, TIMM)}
 NAMES = tuple(LAYOUTS)

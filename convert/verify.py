@@ -5,31 +5,31 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from convert.layouts import Layout
+from convert.layouts import Family
 from convert.torch_io import CheckpointError
 
 TOLERANCE = 1e-5  # max |Δ logit| relative to max |logit|, fp32 on CPU; ports reach ~1e-6
 
 
-def torch_model(layout: Layout, metadata: dict[str, Any], state_dict: dict[str, np.ndarray]):
-    """The PyTorch model that natively reads `layout`, in eval mode, with `state_dict` loaded.
+def torch_model(family: Family, metadata: dict[str, Any], state_dict: dict[str, np.ndarray]):
+    """`family`'s PyTorch model of the metadata's variant and classes, in eval mode, with
+    `state_dict` loaded and the metadata's BN eps where the family takes one.
 
-    The layout's family with the metadata's padding (the default family when it has none with
-    that padding: --verify then shows what a padding flag that departs from the source does to
-    the outputs), with the metadata's BN eps where the family takes one.
+    The model pads as its family does, whatever the metadata says: --verify then shows what a
+    padding that departs from the source's models does to the outputs.
     """
     import torch
     try:
-        model = layout.torch_model(metadata['variant'], metadata['num_classes'],
-                                   metadata['padding'], metadata['bn_eps'])
+        model = family.torch_model(metadata['variant'], metadata['num_classes'],
+                                   metadata['bn_eps'])
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith('num_batches_tracked')]
     if missing or unexpected:
-        raise CheckpointError(f'{layout.name} model does not take these weights: missing '
-                              f'{missing[:5]}, unexpected {unexpected[:5]}')
+        raise CheckpointError(f'{family.model_name(metadata["variant"])} does not take these '
+                              f'weights: missing {missing[:5]}, unexpected {unexpected[:5]}')
     return model
 
 

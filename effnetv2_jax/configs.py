@@ -126,6 +126,24 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 OFFICIAL_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.source == 'official')
 
 
+class TimmFamily(NamedTuple):
+    """One of timm's two EfficientNetV2 families: the prefix of its model names, the padding and
+    BatchNorm epsilon its models use, and the variants it has."""
+    prefix: str
+    padding: str
+    bn_eps: float
+    variants: tuple[str, ...]
+
+
+# timm's ports of the TensorFlow weights pad as TensorFlow does ('same') with its eps; timm's
+# own models pad symmetrically with PyTorch's eps. Both have S, M, L and XL, with the same
+# tensors: only the name tells them apart.
+TIMM_TF = TimmFamily('tf_efficientnetv2_', 'same', 1e-3, OFFICIAL_VARIANTS)
+TIMM_OWN = TimmFamily('efficientnetv2_', 'symmetric', 1e-5,
+                      ('s', 'm', 'l', 'xl', 'rw_t', 'rw_s', 'rw_m'))
+TIMM_FAMILIES = (TIMM_TF, TIMM_OWN)
+
+
 def get_variant(name: str) -> Variant:
     """Looks a variant up by name ('s', 'efficientnetv2_s' and 'EfficientNetV2-S' all work)."""
     key = name.lower().replace('-', '_')
@@ -134,3 +152,41 @@ def get_variant(name: str) -> Variant:
     if key not in VARIANTS:
         raise ValueError(f'unknown variant {name!r}; known: {", ".join(VARIANTS)}')
     return VARIANTS[key]
+
+
+def timm_model(name: str) -> tuple[Variant, TimmFamily]:
+    """The variant and family of timm's EfficientNetV2 called `name` ('tf_efficientnetv2_s',
+    'efficientnetv2_rw_t'; any case); ValueError (one line) for a name timm has no model of."""
+    lower = name.lower()
+    family = next((f for f in TIMM_FAMILIES if lower.startswith(f.prefix)), None)
+    variant = family and lower.removeprefix(family.prefix)
+    if family is None or variant not in family.variants:
+        models = ', '.join(f'{f.prefix}{{{",".join(f.variants)}}}' for f in TIMM_FAMILIES)
+        raise ValueError(f"timm has no EfficientNetV2 called {name!r}; timm's are {models}")
+    return VARIANTS[variant], family
+
+
+def implied_by_name(name: str, bn_eps: float | None = None) -> dict[str, object]:
+    """The `padding` and `bn_eps` that the model name `name` implies, as model fields ({} where
+    it implies none).
+
+    timm's names imply timm's conventions: `tf_efficientnetv2_*` 'same' padding and eps 1e-3,
+    `efficientnetv2_rw_*` symmetric and 1e-5. `efficientnetv2_s` (`_m`, `_l`, `_xl`) is both
+    timm's model (eps 1e-5) and the function of WZMIAOMIAO's model.py (eps 1e-3), both
+    symmetric: ValueError unless `bn_eps` says which. Other spellings (`'s'`, the paper's
+    `'EfficientNetV2-S'`, torchvision's `'efficientnet_v2_s'`) imply nothing.
+    """
+    lower = name.lower()
+    if not lower.startswith(tuple(f.prefix for f in TIMM_FAMILIES)):
+        return {}
+    variant, family = timm_model(name)
+    if family is TIMM_OWN and variant.name in TIMM_TF.variants:
+        if bn_eps is None:
+            timm_eps = f'{TIMM_OWN.bn_eps:.0e}'.replace('e-0', 'e-')  # 1e-5
+            raise ValueError(
+                f"{name!r} names both timm's model (BN eps {timm_eps}) and the function of "
+                f"WZMIAOMIAO's model.py (BN eps 1e-3); say {variant.name!r} (WZMIAOMIAO's and "
+                f"torchvision's conventions) or {TIMM_TF.prefix + variant.name!r}, or pass "
+                f"bn_eps={timm_eps} for timm's")
+        return {'padding': family.padding, 'bn_eps': bn_eps}
+    return {'padding': family.padding, 'bn_eps': family.bn_eps}

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effnetv2_jax.configs import VARIANTS, Variant, get_variant
+from effnetv2_jax.configs import VARIANTS, Variant, get_variant, implied_by_name
 from effnetv2_jax.layers import ConvBNAct, DropPath, SqueezeExcite
 
 Dtype = Any
@@ -167,16 +167,21 @@ def list_models() -> list[str]:
 def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNetV2:
     """Builds an `EfficientNetV2` linen module with the variant's default rates.
 
-    `overrides` are `EfficientNetV2` field names (`dropout_rate`, `drop_path_rate`, `padding`,
-    `bn_eps`, `bn_momentum`, `dtype`, `param_dtype`, `remat`, `features_only`); any other name
-    raises TypeError.
+    A timm model name implies timm's padding and BN eps (`tf_efficientnetv2_b0`: 'same', 1e-3;
+    `efficientnetv2_rw_t`: symmetric, 1e-5); `efficientnetv2_s` (m, l, xl), which is also
+    WZMIAOMIAO's name for an eps-1e-3 model, is a ValueError unless `bn_eps` is given; other
+    names ('s', 'EfficientNetV2-S', 'efficientnet_v2_s') take the fields' defaults
+    (`configs.implied_by_name`). `overrides` are `EfficientNetV2` field names (`dropout_rate`,
+    `drop_path_rate`, `padding`, `bn_eps`, `bn_momentum`, `dtype`, `param_dtype`, `remat`,
+    `features_only`) and win over the name; any other name raises TypeError.
     """
     variant = get_variant(name)
     fields = {f.name for f in dataclasses.fields(EfficientNetV2)} - {'parent', 'name', 'variant'}
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f'unknown override(s) {sorted(unknown)}; valid: {sorted(fields)}')
-    kwargs = {'dropout_rate': variant.dropout_rate, 'drop_path_rate': variant.drop_path_rate}
+    kwargs = {'dropout_rate': variant.dropout_rate, 'drop_path_rate': variant.drop_path_rate,
+              **implied_by_name(name, overrides.get('bn_eps'))}
     kwargs.update(overrides)
     return EfficientNetV2(variant=variant, num_classes=num_classes, **kwargs)
 

@@ -25,7 +25,7 @@ section "3/6  PyTorch (WZMIAOMIAO's model.py architecture) on the held-out test 
 section "4/6  python -m convert $WORK/model_torch.pth --verify   (back to Flax)"
 "$PY" -m convert "$WORK/model_torch.pth" -o "$WORK/converted.msgpack" --verify --verify-size 32
 
-# A .pth carries no metadata: the converted file has the layout's defaults (B0: 224 px), so the
+# A .pth carries no eval transform: the converted file has the layout's (B0: 224 px), so the
 # digits' 32 px is given here.
 section "5/6  python -m train --eval-only --init converted.msgpack on the held-out test digits"
 "$PY" -m train --eval-only --init "$WORK/converted.msgpack" --data-dir "$WORK/digits/test" \

@@ -116,6 +116,8 @@ def random_variables(model, x, seed=0):
 LOGIT_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL_OF_MAX = 1e-4, 1e-6
 
+# timm's tf_ and own S, M, L and XL have the same tensors: the converter is told which.
+TIMM_TF_SAME = ('--padding', 'same')  # timm's tf_ models (eps then 1e-3)
 TIMM_TF_SYMMETRIC = ('--padding', 'symmetric')  # timm's non-tf_ models (eps then 1e-5)
 
 # id -> (PyTorch model factory, extra converter flags). Every variant in at least one layout;
@@ -125,8 +127,10 @@ SOURCES = {
        for v in ('s', 'b0', 'b1', 'b2', 'b3')},
     **{f'torchvision-{v}': (getattr(torchvision.models, f'efficientnet_v2_{v}'), ())
        for v in ('s', 'm', 'l')},
-    **{f'timm-tf-{v}': (functools.partial(timm.create_model, f'tf_efficientnetv2_{v}'), ())
-       for v in ('s', 'm', 'xl', 'b0')},
+    **{f'timm-tf-{v}': (functools.partial(timm.create_model, f'tf_efficientnetv2_{v}'),
+                        TIMM_TF_SAME) for v in ('s', 'm', 'xl')},
+    # timm has B0-B3 only as tf_ models: no flags needed.
+    'timm-tf-b0': (functools.partial(timm.create_model, 'tf_efficientnetv2_b0'), ()),
     'timm-s': (functools.partial(timm.create_model, 'efficientnetv2_s'), TIMM_TF_SYMMETRIC),
     # timm's own variants exist only with symmetric padding and eps 1e-5: no flags needed.
     **{f'timm-{v}': (functools.partial(timm.create_model, f'efficientnetv2_{v}'), ())

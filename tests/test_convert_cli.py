@@ -27,6 +27,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import effnetv2_jax
@@ -34,7 +35,7 @@ from convert.torch_reference import randomize_
 from convert import layouts, torch_reference
 from convert.__main__ import main
 from effnetv2_jax import checkpoint
-from helpers import assert_one_line_error
+from helpers import SMALL_METADATA, assert_one_line_error, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -512,6 +513,88 @@ def test_verify_fails_on_a_wzmiaomiao_checkpoint_converted_with_the_wrong_paddin
     rc, _, _ = cli(capsys, wzmiaomiao_pth, '--padding', 'same', *VERIFY_ARGS)
     assert rc == 1
     assert files_under(wzmiaomiao_pth.parent) == before
+
+
+# --------------------------------------------------------------------------------------------
+# --to-torch: what its file says, and what it may replace
+
+
+@pytest.fixture
+def small_weights(tmp_path, small_variables) -> Path:
+    """Flax weights of B0 (3 classes) that came from the wzmiaomiao layout."""
+    path = tmp_path / 'small.msgpack'
+    effnetv2_jax.save(path, small_variables, {**SMALL_METADATA, 'source_layout': 'wzmiaomiao'})
+    return path
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])
+def test_to_torch_output_says_what_it_holds(capsys, tmp_path, small_weights, suffix):
+    output = tmp_path / f'back{suffix}'
+    assert cli(capsys, '--to-torch', small_weights, '--layout', 'timm', '-o', output)[0] == 0
+    if suffix == '.safetensors':
+        with safe_open(str(output), 'np') as f:
+            marks = f.metadata()
+    else:
+        marks = torch.load(output, weights_only=True)._metadata['']
+    assert marks == {'producer': 'effnetv2-jax', 'written_by': 'convert --to-torch',
+                     'layout': 'timm', 'variant': 'b0', 'padding': 'symmetric', 'bn_eps': '0.001'}
+
+
+def test_to_torch_writes_the_layout_the_weights_came_from_without_layout(capsys, tmp_path,
+                                                                        small_weights):
+    assert cli(capsys, '--to-torch', small_weights, '-o', tmp_path / 'back.pth')[0] == 0
+    assert 'stem.conv.weight' in torch.load(tmp_path / 'back.pth', weights_only=True)
+
+
+def test_to_torch_without_layout_is_refused_for_weights_that_do_not_say_theirs(
+        capsys, tmp_path, small_variables):
+    weights = tmp_path / 'trained.msgpack'
+    effnetv2_jax.save(weights, small_variables, SMALL_METADATA)
+    before = files_under(tmp_path)
+    rc, _, err = cli(capsys, '--to-torch', weights, '-o', tmp_path / 'back.pth')
+    assert rc == 2
+    assert '--layout wzmiaomiao|torchvision|timm' in assert_one_line_error(err)
+    assert files_under(tmp_path) == before
+
+
+def test_to_torch_refuses_the_weights_of_a_save_pretrained_folder(capsys, tmp_path, small_weights,
+                                                                  small_variables):
+    folder = tmp_path / 'hub'
+    effnetv2_jax.save_pretrained(small_variables, SMALL_METADATA, folder)
+    before = snapshot(tmp_path)
+    rc, _, err = cli(capsys, '--to-torch', small_weights, '--layout', 'wzmiaomiao',
+                     '-o', folder / 'model.safetensors')
+    assert rc == 2
+    assert 'not a PyTorch file written by python -m convert --to-torch' in (
+        assert_one_line_error(err))
+    assert snapshot(tmp_path) == before
+    checkpoint.read(f'local-dir:{folder}')  # still loads
+
+
+def test_to_torch_does_not_replace_a_file_of_an_earlier_release(capsys, tmp_path, small_weights,
+                                                                wzmiaomiao_b0):
+    # Before writers were told apart, --to-torch and save_pretrained marked their files alike:
+    # such a file may be a save_pretrained folder's weights.
+    output = tmp_path / 'model.safetensors'
+    save_file(wzmiaomiao_b0.state_dict(), output, metadata={'producer': 'effnetv2-jax'})
+    before = snapshot(tmp_path)
+    rc, _, err = cli(capsys, '--to-torch', small_weights, '--layout', 'wzmiaomiao', '-o', output)
+    assert rc == 2
+    assert_one_line_error(err)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize('output', [('--save-pretrained', 'hub'), ('-o', 'hub/model.msgpack')],
+                         ids=['save-pretrained-the-folder', 'output-inside-the-folder'])
+def test_a_local_dir_input_is_no_output(capsys, tmp_path, small_variables, output):
+    folder = tmp_path / 'hub'
+    effnetv2_jax.save_pretrained(small_variables, SMALL_METADATA, folder)
+    before = snapshot(tmp_path)
+    flag, path = output
+    rc, _, err = cli(capsys, f'local-dir:{folder}', flag, tmp_path / path)
+    assert rc == 2
+    assert 'the input local-dir:' in assert_one_line_error(err)
+    assert snapshot(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def test_fuzzed_weights_files_export_exactly_or_fail_cleanly(capsys, scratch, we
     if status == OK:
         assert expected in (None, OK), 'this mutation must be refused'
         restored = serialization.msgpack_restore(source.read_bytes())
-        state_dict, _ = torch_io.read_state_dict(output)
+        state_dict = torch_io.read_state_dict(output).state_dict
         variables, _ = converter.torch_to_flax(state_dict, layout, restored['metadata']['variant'],
                                                restored['metadata']['padding'],
                                                restored['metadata']['bn_eps'])

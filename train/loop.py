@@ -152,10 +152,9 @@ def _model_and_variables(config: TrainConfig, num_classes: int):
                      remat=config.remat)
     if not config.init:
         try:
-            effnetv2_jax.get_variant(config.variant)
-        except ValueError as e:
+            return effnetv2_jax.create_model(config.variant, **overrides), None, None
+        except ValueError as e:  # an unknown variant, or a name that leaves the BN eps open
             raise ConfigError(f'--variant: {e}') from None
-        return effnetv2_jax.create_model(config.variant, **overrides), None, None
     variables, metadata = _read_init(config.init)
     model = checkpoint.build_model(metadata, **overrides)
     if metadata['num_classes'] != num_classes:
