@@ -49,6 +49,7 @@ from benchmarks.throughput import jax_train_step
 from effnetv2_jax import cli, kernels
 from effnetv2_jax.model import abstract_variables
 from effnetv2_jax.transforms import HALF_NORMALISATION
+from effnetv2_jax.messages import first_line
 from train import trainer
 from train.config import PRESETS, TrainConfig
 from train.progressive import make_stages
@@ -150,7 +151,7 @@ def tpu_mesh(target: TpuTarget) -> jax.sharding.Mesh:
                 topology_name=target.topology, platform='tpu', chip_config_name=target.chip_config)
     except RuntimeError as e:  # libtpu missing, or it cannot describe the slice
         sys.exit(cli.fail(f'--target {target.name} needs libtpu (pip install '
-                          f'"jax[tpu]=={jax.__version__}"): {cli.first_line(e)}'))
+                          f'"jax[tpu]=={jax.__version__}"): {first_line(e)}'))
     return trainer.make_mesh(topology.devices)
 
 
@@ -225,7 +226,7 @@ def trainer_step_memory(config: TrainConfig, mesh: jax.sharding.Mesh,
         # that still does not ("... HLO temporaries (32.78G) exceeds available HBM (15.75G)").
         if 'RESOURCE_EXHAUSTED' not in str(e):
             raise
-        return {'fits': False, 'error': cli.first_line(e, limit=1000),
+        return {'fits': False, 'error': first_line(e, limit=1000),
                 'compile_s': time.perf_counter() - start}
     per_device_rows = rows // mesh.size
     return {'fits': True, **_plan(compiled, per_device_rows * (size * size * 3 + 4),

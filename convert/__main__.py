@@ -13,9 +13,10 @@ from pathlib import Path
 
 from convert import converter, hub, layouts, torch_io
 from convert.torch_io import CheckpointError
-from effnetv2_jax import checkpoint, cli
+from effnetv2_jax import checkpoint, cli, transforms
 from effnetv2_jax.files import OutputKind, check_output
 from effnetv2_jax.layers import PADDINGS
+from effnetv2_jax.messages import first_line
 
 EXAMPLES = """  python -m convert efficientnetv2_s.pth                 # -> efficientnetv2_s.msgpack
   python -m convert ckpt.pth --ema --verify -o s_ema.msgpack
@@ -73,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    'or Inf (refused by default: exit 2)')
     p.add_argument('--verify', action='store_true', help='run the PyTorch and the Flax model on '
                    'one random batch and fail (exit 1) if max |Δ logit| exceeds the tolerance')
-    p.add_argument('--verify-size', type=cli.positive_int, default=224,
-                   help='image size for --verify')
+    p.add_argument('--verify-size', type=transforms.image_size, default=224,
+                   help=f'image size for --verify, 1 to {transforms.MAX_IMAGE_SIZE} (default 224)')
     p.add_argument('--tolerance', type=cli.positive_float, default=None,
                    help='allowed max |Δ logit| / max |logit| (default 1e-5)')
     args = p.parse_args(argv)
@@ -94,9 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def is_flax_input(args) -> bool:
-    """Whether the input is converted weights (a name, or a file this package wrote), not a
-    PyTorch checkpoint."""
-    return args.to_torch or isinstance(args.input, str) or any(
+    """Whether the input is converted weights (a name, a folder: PyTorch checkpoints are files,
+    or a file this package wrote), not a PyTorch checkpoint."""
+    return args.to_torch or isinstance(args.input, str) or args.input.is_dir() or any(
         kind.recognise(args.input) for kind in checkpoint.OUTPUT_KINDS.values())
 
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
             try:
                 variables, metadata = checkpoint.read(args.input)
             except (OSError, ValueError) as e:
-                raise CheckpointError(cli.first_line(e)) from None
+                raise CheckpointError(first_line(e)) from None
             layout = layouts.get_layout(target_layout(args, metadata))
             where = metadata.get('source', 'Flax weights')
             state_dict = converter.flax_to_torch(variables, metadata, layout.name)
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         else:
             checkpoint.save(output, variables, metadata, fmt=args.format)
     except (CheckpointError, OSError, ValueError) as e:  # bad input; unusable or unwritable output
-        return cli.fail(cli.first_line(e))
+        return cli.fail(first_line(e))
     num_params = sum(v.size for k, v in state_dict.items() if 'running_' not in k
                      and not k.endswith('num_batches_tracked'))
     print(f'{direction(args)}: {args.input} [{where}] -> {output}\n'
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         try:
             print(f'uploaded: {hub.push_to_hub(output, args.push_to_hub)}')
         except Exception as e:  # noqa: BLE001 - the network, a login, a permission: for the user
-            return cli.fail(f'{output} was written, but the upload failed: {cli.first_line(e)}')
+            return cli.fail(f'{output} was written, but the upload failed: {first_line(e)}')
     return cli.EXIT_OK
 
 

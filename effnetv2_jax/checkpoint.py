@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from effnetv2_jax.messages import first_few, first_line
+from effnetv2_jax.messages import first_few, first_line, silence_orbax
 from effnetv2_jax.configs import get_variant
 from effnetv2_jax.files import (LOCAL_DIR_SCHEME, REMOTE_SCHEMES, OutputKind, atomic_write,
                                 atomic_write_bytes)
@@ -165,6 +165,7 @@ def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str 
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(tmp.absolute() / 'variables', variables)
             (tmp / 'metadata.json').write_text(json.dumps(metadata, indent=2))
+        silence_orbax()
         atomic_write(path, write, OUTPUT_KINDS[fmt])
 
 

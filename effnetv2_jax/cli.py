@@ -8,7 +8,6 @@ import re
 import sys
 from pathlib import Path
 
-from effnetv2_jax.messages import first_few, first_line  # noqa: F401 - part of cli's API
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C

@@ -1,9 +1,9 @@
 """One-line messages for errors a user can cause: the helpers every module shares."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
+import os
 import sys
 
 
@@ -45,29 +45,34 @@ def write_failure(e: BaseException) -> str:
     return first_line(chain[0])
 
 
-def _drop_closed_loops(hook):
-    def filtered(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == 'Event loop is closed'):
-            hook(unraisable)
-    return filtered
+def _not_orbax(record: logging.LogRecord) -> bool:
+    """False for a log record of Orbax's own, or of asyncio's about a task of Orbax's."""
+    where = f'{os.sep}orbax{os.sep}'
+    return not (where in record.pathname
+                or (record.name == 'asyncio' and where in record.getMessage()))
 
 
-@contextlib.contextmanager
-def orbax_failures_quiet():
-    """Keeps a failed Orbax write to the one line its caller reports. Orbax logs the failure
-    with tracebacks (absl's logger), and the event loops of its writer threads report 'Event
-    loop is closed' as unraisable exceptions, during the write and after it as they are
-    collected. Within the block both are dropped (only those: every other report goes on), and
-    after a failure the unraisable ones stay dropped for the rest of the process."""
-    absl_logger = logging.getLogger('absl')
-    level, hook = absl_logger.level, sys.unraisablehook
-    absl_logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = _drop_closed_loops(hook)
-    try:
-        yield
-    except BaseException:
-        absl_logger.setLevel(level)
-        raise
-    absl_logger.setLevel(level)
-    sys.unraisablehook = hook
+def _unraisable_unless_closed_loop(previous):
+    """A `sys.unraisablehook` that drops what a failed Orbax save leaves behind: Orbax closes
+    the event loop of the save while TensorStore still completes its other writes, whose
+    callbacks then find the loop closed (the save's failure itself is reported once)."""
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+            previous(unraisable)
+    hook.quiet_closed_loops = True
+    return hook
+
+
+def silence_orbax():
+    """Keeps Orbax's own reports of a failure off stderr: it logs each failure (and each slow
+    save) at length, with tracebacks, through absl's and asyncio's loggers, and leaves 'Event
+    loop is closed' reports behind. Every failure also reaches the caller as an exception, which
+    the commands report in one line. The one process-wide change this package makes on its own,
+    made by the writers of Orbax checkpoints (weights folders, run checkpoints); it drops only
+    those records. Idempotent."""
+    from absl import logging as absl_logging
+    for logger in (absl_logging.get_absl_logger(), logging.getLogger('asyncio')):
+        logger.addFilter(_not_orbax)  # once: a filter already there is not added again
+    if not getattr(sys.unraisablehook, 'quiet_closed_loops', False):
+        sys.unraisablehook = _unraisable_unless_closed_loop(sys.unraisablehook)

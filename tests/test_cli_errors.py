@@ -32,11 +32,14 @@ def state_dict():
 @pytest.fixture
 def folder(tmp_path, monkeypatch, small_variables, state_dict) -> Path:
     """The working directory: ckpt.pth, w.msgpack, mine.txt, photos/cat/0.png (also a class
-    folder tree), and weights files whose variables or metadata are wrong."""
+    folder tree), and weights files whose variables or metadata are wrong (broken.orbax: an
+    Orbax folder whose metadata.json is cut short)."""
     monkeypatch.chdir(tmp_path)
     torch.save(state_dict, tmp_path / 'ckpt.pth')
     effnetv2_jax.save(tmp_path / 'w.msgpack', small_variables, SMALL_METADATA)
     (tmp_path / 'mine.txt').write_text('my notes')
+    (tmp_path / 'broken.orbax' / 'variables').mkdir(parents=True)
+    (tmp_path / 'broken.orbax' / 'metadata.json').write_text('{"format_version": 1,')
     (tmp_path / 'photos' / 'cat').mkdir(parents=True)
     from PIL import Image
     Image.new('RGB', (40, 30), (200, 100, 50)).save(tmp_path / 'photos' / 'cat' / '0.png')
@@ -78,7 +81,14 @@ MISTAKES = {  # id: (command, argv, what the error line says)
     'convert-output-folder-missing': (
         convert_main, ['ckpt.pth', '-o', 'new/out.msgpack'], 'new does not exist'),
     'convert-verify-size-0': (
-        convert_main, ['ckpt.pth', '--verify', '--verify-size', '0'], 'positive integer'),
+        convert_main, ['ckpt.pth', '--verify', '--verify-size', '0'],
+        'expected an image size from 1 to 4096'),
+    'convert-verify-size-60000': (
+        convert_main, ['ckpt.pth', '--verify', '--verify-size', '60000'],
+        'expected an image size from 1 to 4096'),
+    'convert-orbax-folder-with-broken-metadata': (
+        convert_main, ['broken.orbax', '-o', 'o.msgpack'],
+        'broken.orbax is not a valid effnetv2-jax weights file: metadata.json is not valid JSON'),
     'convert-tolerance-negative': (
         convert_main, ['ckpt.pth', '--verify', '--tolerance', '-1'], 'positive number'),
     'convert-unknown-flag': (convert_main, ['ckpt.pth', '--fast'], 'unrecognized arguments'),

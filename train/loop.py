@@ -22,9 +22,9 @@ from jax.experimental import multihost_utils
 
 import effnetv2_jax
 from convert import hub
-from effnetv2_jax import checkpoint, cli
+from effnetv2_jax import checkpoint
 from effnetv2_jax.files import check_apart, check_output
-from effnetv2_jax.messages import write_failure
+from effnetv2_jax.messages import first_few, first_line, write_failure
 from effnetv2_jax.transforms import HALF_NORMALISATION
 from train import input_pipeline, trainer
 from train.config import ConfigError, TrainConfig, flag
@@ -109,7 +109,7 @@ def _check_save_pretrained(config: TrainConfig):
     try:
         check_output(config.save_pretrained, hub.PRETRAINED_KIND, inputs)
     except OSError as e:
-        raise ConfigError(f'--save-pretrained: {cli.first_line(e)}') from None
+        raise ConfigError(f'--save-pretrained: {first_line(e)}') from None
 
 
 def _data_dir(config: TrainConfig, make_workdir: Callable[[], Path]) -> str:
@@ -141,7 +141,7 @@ def _read_init(path: str) -> tuple[dict, dict]:
     try:
         return checkpoint.read(path)
     except (OSError, ValueError) as e:
-        raise input_pipeline.DataError(f'cannot read --init {path}: {cli.first_line(e)}') from None
+        raise input_pipeline.DataError(f'cannot read --init {path}: {first_line(e)}') from None
 
 
 def _model_and_variables(config: TrainConfig, num_classes: int):
@@ -191,8 +191,8 @@ def _check_same_run(config: TrainConfig, class_names, saved: dict | None):
                               f'or {advice}')
     if saved['class_names'] != list(class_names):
         raise ConfigError(f'workdir {config.workdir} was trained on the classes '
-                          f'{cli.first_few(saved["class_names"], 5)}; the data has '
-                          f'{cli.first_few(class_names, 5)}: rerun with the data it was trained '
+                          f'{first_few(saved["class_names"], 5)}; the data has '
+                          f'{first_few(class_names, 5)}: rerun with the data it was trained '
                           f'on or {advice}')
 
 
@@ -401,7 +401,7 @@ def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
             try:
                 hub.save_pretrained(variables, metadata, config.save_pretrained)
             except OSError as e:  # changed since the run's start (_check_save_pretrained)
-                raise ConfigError(f'--save-pretrained: {cli.first_line(e)} (the weights are '
+                raise ConfigError(f'--save-pretrained: {first_line(e)} (the weights are '
                                   f'in {path})') from None
     return path
 

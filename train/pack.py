@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from effnetv2_jax import cli
 from effnetv2_jax.files import OutputError, atomic_write, check_output
+from effnetv2_jax.messages import first_line
 from train import records
 from train.input_pipeline import DataError, ImageFolder, find_splits
 
@@ -32,7 +33,7 @@ def _shard_records(folder: ImageFolder, indices: np.ndarray, progress: tqdm):
         try:
             image = Path(path).read_bytes()
         except OSError as e:
-            raise DataError(f'cannot read {path}: {e.strerror or cli.first_line(e)}') from None
+            raise DataError(f'cannot read {path}: {e.strerror or first_line(e)}') from None
         progress.update()
         yield records.encode_record(image, folder.labels[i], os.path.relpath(path, folder.root))
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     try:
         info = pack(args.folder, args.out, args.shards)
     except (DataError, OSError) as e:
-        return cli.fail(cli.first_line(e))
+        return cli.fail(first_line(e))
     splits = ', '.join(f'{name} {sum(s["class_counts"])} images in {len(s["shards"])} shards'
                        for name, s in info['splits'].items())
     print(f'{args.out}: {len(info["class_names"])} classes; {splits}')

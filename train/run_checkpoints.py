@@ -12,7 +12,6 @@ failure it logs reaches the caller as an exception, which the command reports in
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import sys
@@ -23,11 +22,10 @@ from pathlib import Path
 import grain
 import jax
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from effnetv2_jax.files import OutputError
-from effnetv2_jax.messages import first_line, write_failure
+from effnetv2_jax.messages import first_line, silence_orbax, write_failure
 from train.config import ConfigError
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'  # what Orbax writes a step into before renaming it
@@ -35,35 +33,6 @@ TMP_SUFFIX = '.orbax-checkpoint-tmp'  # what Orbax writes a step into before ren
 
 class DamagedCheckpoint(Exception):
     """A checkpoint (or an item of it) that cannot be read; the message is one line."""
-
-
-def _not_orbax(record: logging.LogRecord) -> bool:
-    """False for a log record of Orbax's own, or of asyncio's about a task of Orbax's."""
-    where = f'{os.sep}orbax{os.sep}'
-    return not (where in record.pathname
-                or (record.name == 'asyncio' and where in record.getMessage()))
-
-
-def _unraisable_unless_closed_loop(previous):
-    """A `sys.unraisablehook` that drops what a failed Orbax save leaves behind: Orbax closes
-    the event loop of the save while TensorStore still completes its other writes, whose
-    callbacks then find the loop closed (the save's failure itself is reported once)."""
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
-            previous(unraisable)
-    hook.quiet_closed_loops = True
-    return hook
-
-
-def _silence_orbax():
-    """Orbax logs each failure (and each slow save) at length, with tracebacks; every failure
-    also reaches `RunCheckpoints`' caller as an exception, which the command reports in one
-    line. Idempotent."""
-    for logger in (absl_logging.get_absl_logger(), logging.getLogger('asyncio')):
-        logger.addFilter(_not_orbax)  # once: a filter already there is not added again
-    if not getattr(sys.unraisablehook, 'quiet_closed_loops', False):
-        sys.unraisablehook = _unraisable_unless_closed_loop(sys.unraisablehook)
 
 
 def _leaves(tree) -> dict[str, tuple]:
@@ -78,7 +47,7 @@ class RunCheckpoints:
     JSON-able dict) is saved with each, for a resumed run to compare with its own."""
 
     def __init__(self, workdir: str, keep: int, num_workers: int = 0, run: dict | None = None):
-        _silence_orbax()
+        silence_orbax()
         self.num_workers = num_workers  # of the run's data iterators
         self.run = run or {}
         self.directory = Path(workdir).absolute() / 'checkpoints'
