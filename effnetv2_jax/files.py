@@ -101,6 +101,14 @@ def _umask() -> int:
     return mask
 
 
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system of `folder` has no block left for an unprivileged write."""
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
 def _fsync(path: str | os.PathLike):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -256,12 +264,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], kind: O
             _settle(tmp)
             _put_in_place(tmp, path, kind.directory)
         except BaseException as e:
+            # Before the temporary goes: some writers (torch.save) report a full disk only as
+            # a position mismatch, so the disk's own free space says it.
+            reason = 'no space left on device' if _disk_full(path.parent) else write_failure(e)
             if tmp is not None and kind.directory:
                 _remove_failed(tmp)
             elif tmp is not None:
                 _remove(tmp)
             if isinstance(e, Exception) and not isinstance(e, OutputError):
-                raise OutputError(f'cannot write {path}: {write_failure(e)}') from e
+                raise OutputError(f'cannot write {path}: {reason}') from e
             raise
 
 
