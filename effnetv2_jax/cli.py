@@ -19,12 +19,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f'error: {message} (see {self.prog} --help)\n')
 
 
-def parser(prog: str, description: str, examples: str = '') -> argparse.ArgumentParser:
-    """An ArgumentParser for `python -m <prog>` with `examples` shown verbatim after the flags;
-    a bad command line exits with status 2 and one line on stderr."""
-    return _Parser(
-        prog=f'python -m {prog}', description=description,
-        epilog=f'examples:\n{examples}' if examples else None,
+def parser(prog: str, description: str, examples: str = '', *, usage: str | None = None,
+           parser_class: type[argparse.ArgumentParser] = _Parser) -> argparse.ArgumentParser:
+    """An ArgumentParser for `python -m <prog>` whose `--help` opens with what it does and
+    `examples` (verbatim), then the flags; a bad command line exits with status 2 and one line on
+    stderr (`parser_class` may handle it otherwise)."""
+    return parser_class(
+        prog=f'python -m {prog}', usage=usage,
+        description=f'{description}\n\nexamples:\n{examples}' if examples else description,
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

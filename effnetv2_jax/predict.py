@@ -42,14 +42,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    '{"0": "daisy", ...}); default: the weights\' own, else ImageNet\'s for 1000')
     p.add_argument('--batch-size', type=cli.positive_int, default=32,
                    help='images per forward (default 32)')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='compute dtype (default float32)')
     spec = p.add_argument_group('eval transform overrides (default: the weights\' metadata)')
     spec.add_argument('--size', type=image_size, help=f'crop size (1 to {MAX_IMAGE_SIZE})')
-    spec.add_argument('--resize', choices=('shorter', 'squash'))
+    spec.add_argument('--resize', choices=('shorter', 'squash'),
+                      help='shorter: the short side to size / crop_pct, squash: both sides; then '
+                      'a center crop')
     spec.add_argument('--crop-pct', type=float, help='resize to size / crop_pct, then crop')
-    spec.add_argument('--interpolation', choices=sorted(RESAMPLING))
-    spec.add_argument('--mean', type=float, nargs=3, metavar=('R', 'G', 'B'))
-    spec.add_argument('--std', type=float, nargs=3, metavar=('R', 'G', 'B'))
+    spec.add_argument('--interpolation', choices=sorted(RESAMPLING), help='resampling filter')
+    spec.add_argument('--mean', type=float, nargs=3, metavar=('R', 'G', 'B'),
+                      help='per channel, subtracted from pixels scaled to [0, 1]')
+    spec.add_argument('--std', type=float, nargs=3, metavar=('R', 'G', 'B'),
+                      help='per channel, divides the pixels next')
     return p.parse_args(argv)
 
 
