@@ -132,6 +132,12 @@ MISTAKES = {  # id: (command, argv, what the error line says)
     'train-save-pretrained-over-a-users-folder': (
         train_main, ['--data-dir', 'photos', '--workdir', 'run', '--save-pretrained', 'photos'],
         'photos'),
+    'train-finetune-without-init': (
+        train_main, ['--preset', 'finetune', '--data-dir', 'photos', '--workdir', 'run'],
+        '--init hf-hub:timm/tf_efficientnetv2_s.in21k_ft_in1k'),
+    'train-finetune-b0-without-init': (
+        train_main, ['--preset', 'finetune', '--variant', 'b0', '--data-dir', 'photos'],
+        '--init hf-hub:timm/tf_efficientnetv2_b0.in1k'),
     'pack-output-over-a-users-file': (pack_main, ['photos', 'mine.txt'], 'mine.txt'),
     'pack-output-inside-the-input': (pack_main, ['photos', 'photos/packed'], 'photos'),
     'pack-missing-folder': (pack_main, ['nowhere', 'packed'], 'nowhere'),

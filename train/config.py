@@ -336,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pretrained_weights_for(variant: str) -> str:
+    """timm's ImageNet weights of `variant` (21k-pretrained where there are such)."""
+    tag = 'in21k_ft_in1k' if variant in ('s', 'm', 'l', 'xl') else 'in1k'
+    return f'hf-hub:timm/tf_efficientnetv2_{variant}.{tag}'
+
+
 def parse_args(argv=None) -> TrainConfig:
     """`--preset NAME` plus one flag per `TrainConfig` field. Unknown flags, values of the wrong
     type and invalid configurations raise `ConfigError`."""
@@ -345,4 +351,8 @@ def parse_args(argv=None) -> TrainConfig:
     defaults = preset(name or 'digits') if name or not args['eval_only'] else {}
     overrides = {k: v for k, v in args.items() if v is not None}
     config = dataclasses.replace(TrainConfig(), **{**defaults, **overrides})
+    if name == 'finetune' and not config.init:
+        raise ConfigError(f'--preset finetune needs the weights to start from: add --init '
+                          f'{_pretrained_weights_for(config.variant)} (or a file python -m '
+                          f'convert wrote)')
     return config
