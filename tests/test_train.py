@@ -74,6 +74,18 @@ def test_command_line_flags_override_the_preset():
     assert set(PRESETS['imagenet-s']) <= {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+def test_a_presets_workers_are_capped_at_the_cores_the_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    config = parse_args(['--preset', 'finetune', '--init', 'w.msgpack'])
+    assert (PRESETS['finetune']['num_workers'], config.num_workers) == (4, 2)
+
+
+def test_explicit_workers_are_honoured_beyond_the_cores(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    config = parse_args(['--preset', 'imagenet-s', '--num-workers', '8'])
+    assert config.num_workers == 8
+
+
 @pytest.mark.parametrize('args, message', [
         (['--flip', 'maybe'], "argument --flip: 'maybe' is not a boolean"),
         (['--batch-size', 'many'], "argument --batch-size: invalid int value: 'many'"),
