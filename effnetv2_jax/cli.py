@@ -52,11 +52,35 @@ def positive_float(text: str) -> float:
     return value
 
 
+# Pretrained names given without their scheme. A timm name needs its tag (in1k, in21k_ft_in1k,
+# ra2_in1k...) to name a Hub repository; the tag also tells it from a file (efficientnetv2_s.pth).
+_TIMM_NAME = re.compile(r'(timm/)?((tf_)?efficientnetv2_\w+\.\w*in2?1k\w*)')
+_TORCHVISION_NAME = re.compile(r'efficientnet_v2_[sml](:\w+)?')
+
+
+def pretrained_name_like(text: str) -> str | None:
+    """The pretrained name `text` probably meant, spelt with its scheme
+    ('tf_efficientnetv2_b0.in1k' -> 'hf-hub:timm/tf_efficientnetv2_b0.in1k',
+    'efficientnet_v2_s' -> 'torchvision:efficientnet_v2_s'), or None."""
+    if match := _TIMM_NAME.fullmatch(text):
+        return f'hf-hub:timm/{match[2]}'
+    if _TORCHVISION_NAME.fullmatch(text):
+        return f'torchvision:{text}'
+    return None
+
+
 def weights_source(text: str):
     """A pretrained name ('hf-hub:...', 'torchvision:...', 'local-dir:...') as given, anything
-    else as a Path (argparse type for a weights argument)."""
+    else as a Path (argparse type for a weights argument). A path that does not exist but reads
+    like a pretrained name without its scheme is an error naming the name meant."""
     from effnetv2_jax.checkpoint import PRETRAINED_SCHEMES
-    return text if text.startswith(PRETRAINED_SCHEMES) else Path(text)
+    if text.startswith(PRETRAINED_SCHEMES):
+        return text
+    meant = pretrained_name_like(text)
+    if meant and not Path(text).exists():
+        raise argparse.ArgumentTypeError(f'{text}: no such file; for the pretrained weights, '
+                                         f'write {meant}')
+    return Path(text)
 
 
 def output_for(source, suffix: str) -> Path:

@@ -138,6 +138,19 @@ MISTAKES = {  # id: (command, argv, what the error line says)
     'train-finetune-b0-without-init': (
         train_main, ['--preset', 'finetune', '--variant', 'b0', '--data-dir', 'photos'],
         '--init hf-hub:timm/tf_efficientnetv2_b0.in1k'),
+    'predict-timm-name-without-hf-hub': (
+        predict_main, ['photos/cat/0.png', '--weights', 'tf_efficientnetv2_b0.in1k'],
+        'tf_efficientnetv2_b0.in1k: no such file; for the pretrained weights, write '
+        'hf-hub:timm/tf_efficientnetv2_b0.in1k'),
+    'convert-timm-repository-without-hf-hub': (
+        convert_main, ['timm/efficientnetv2_rw_s.ra2_in1k'],
+        'write hf-hub:timm/efficientnetv2_rw_s.ra2_in1k'),
+    'export-torchvision-name-without-scheme': (
+        export_main, ['efficientnet_v2_m'], 'write torchvision:efficientnet_v2_m'),
+    'train-init-torchvision-name-without-scheme': (
+        train_main, ['--init', 'efficientnet_v2_s', '--data-dir', 'photos'],
+        'efficientnet_v2_s: no such file; for the pretrained weights, write '
+        'torchvision:efficientnet_v2_s'),
     'pack-output-over-a-users-file': (pack_main, ['photos', 'mine.txt'], 'mine.txt'),
     'pack-output-inside-the-input': (pack_main, ['photos', 'photos/packed'], 'photos'),
     'pack-missing-folder': (pack_main, ['nowhere', 'packed'], 'nowhere'),
@@ -168,3 +181,10 @@ def test_an_unwritable_output_folder_is_exit_2_one_line_and_nothing_written(
     assert status == 2, err
     assert 'Permission denied' in assert_one_line_error(err)
     assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize('text', ['efficientnet_v2_s', 'efficientnetv2_s.pth'])
+def test_an_existing_file_or_a_weights_file_name_stays_a_path(folder, text):
+    from effnetv2_jax.cli import weights_source
+    (folder / 'efficientnet_v2_s').write_bytes(b'')  # exists: the user's file, not the name
+    assert weights_source(text) == Path(text)

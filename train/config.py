@@ -315,6 +315,12 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f'{message} (see {self.prog} --help)')
 
 
+def _init_weights(text: str) -> str:
+    """--init as given, once `cli.weights_source` has found it plausible (argparse type)."""
+    cli.weights_source(text)
+    return text
+
+
 def _help(field: dataclasses.Field) -> str:
     """The `--help` line of a field: what it does, the values it takes, its default (without
     --preset: digits')."""
@@ -345,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar = field.metadata['metavar'] or (
                 '{' + ','.join(CHOICES[field.name]) + '}' if field.name in CHOICES
                 else {int: 'N', float: 'X'}.get(_flag_type(field), 'TEXT'))
-        group.add_argument(flag(field.name), type=_flag_type(field), default=None, metavar=metavar,
+        kind = _init_weights if field.name == 'init' else _flag_type(field)
+        group.add_argument(flag(field.name), type=kind, default=None, metavar=metavar,
                            help=_help(field))
     return parser
 
