@@ -146,6 +146,14 @@ def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:
     return create_model(metadata['variant'], **kwargs)
 
 
+def model_metadata(model: EfficientNetV2, **extra) -> dict[str, Any]:
+    """The metadata (MODEL_KEYS) that `build_model` turns back into `model`, followed by `extra`
+    (e.g. `preprocessing`, `class_names`); MODEL_KEYS in `extra` give way to the model's."""
+    metadata = {'variant': model.variant.name, 'num_classes': model.num_classes,
+                'padding': model.padding, 'bn_eps': model.bn_eps}
+    return {**metadata, **{k: v for k, v in extra.items() if k not in metadata}}
+
+
 def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str = 'msgpack'):
     """Writes `{'params', 'batch_stats'}` and `metadata` (JSON-able, with MODEL_KEYS) atomically,
     over nothing but a weights file of the same format (`files.OutputError` otherwise).

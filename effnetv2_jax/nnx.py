@@ -129,8 +129,7 @@ def save(model: EfficientNetV2, path: str | os.PathLike, fmt: str = 'msgpack'):
     """Writes the model's current state as a weights file (`effnetv2_jax.save`'s format, which
     `load`, `effnetv2_jax.load`, `Predictor` and the converter read)."""
     module, variables = to_linen(model)
-    metadata = {**model.metadata, 'variant': module.variant.name,
-                'num_classes': module.num_classes, 'padding': module.padding,
-                'bn_eps': module.bn_eps}
-    metadata.pop('format_version', None)
+    # The file's eval transform and class names; not its format_version: save writes its own.
+    kept = {k: v for k, v in model.metadata.items() if k != 'format_version'}
+    metadata = checkpoint.model_metadata(module, **kept)
     checkpoint.save(path, jax.tree.map(np.asarray, variables), metadata, fmt=fmt)

@@ -390,10 +390,9 @@ def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
     `effnetv2_jax.load` and `--eval-only`, and the same to `--save-pretrained` for timm and the
     Hub."""
     variables = jax.device_get(state.weights()[which])
-    metadata = {'variant': model.variant.name, 'num_classes': model.num_classes,
-                'padding': model.padding, 'bn_eps': model.bn_eps, 'source_layout': 'effnetv2-jax',
-                'preprocessing': spec, 'class_names': list(class_names),
-                'trained': {'weights': which, 'steps': int(state.step), 'init': config.init}}
+    metadata = checkpoint.model_metadata(
+            model, source_layout='effnetv2-jax', preprocessing=spec, class_names=list(class_names),
+            trained={'weights': which, 'steps': int(state.step), 'init': config.init})
     path = Path(config.workdir) / WEIGHTS_FILE
     if jax.process_index() == 0:
         effnetv2_jax.save(path, variables, metadata)
