@@ -157,9 +157,7 @@ def _model_and_variables(config: TrainConfig, num_classes: int):
             raise ConfigError(f'--variant: {e}') from None
     variables, metadata = _read_init(config.init)
     model = checkpoint.build_model(metadata, **overrides)
-    if metadata['num_classes'] != num_classes:
-        fresh = _init_variables(model, config.seed)
-        variables['params']['classifier'] = fresh['params']['classifier']
+    variables = checkpoint.fit_classifier(model, variables, jax.random.key(config.seed))
     return model, variables, metadata
 
 
