@@ -1,14 +1,17 @@
 """The public API's shared pieces: `checkpoint.model_metadata`, the inverse of `build_model`;
 `checkpoint.fit_classifier`, the fresh head that `load` and `nnx.load` give another
-`num_classes`."""
+`num_classes`; `save_pretrained` taking its arguments in `save`'s order (path first), the former
+order deprecated."""
 from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
+import safetensors.numpy
 
 import effnetv2_jax
 from effnetv2_jax import checkpoint, create_model
-from helpers import SMALL_METADATA
+from helpers import SMALL_METADATA, snapshot
 
 
 def test_model_metadata_is_what_build_model_turns_back_into_the_model():
@@ -73,3 +76,17 @@ def test_nnx_load_with_other_num_classes_keeps_the_backbone_and_drops_the_class_
     jax.tree.map(np.testing.assert_array_equal, variables['params']['stem'],
                  small_variables['params']['stem'])
     assert 'class_names' not in model.metadata
+
+
+def test_save_pretrained_in_the_former_argument_order_warns_and_writes_the_same_folder(
+        tmp_path, small_variables):
+    effnetv2_jax.save_pretrained(tmp_path / 'new', small_variables, SMALL_METADATA)
+    with pytest.warns(DeprecationWarning, match=r'save_pretrained\(directory, variables, metadata'):
+        folder = effnetv2_jax.save_pretrained(small_variables, SMALL_METADATA, tmp_path / 'old')
+    assert folder == tmp_path / 'old'
+    old, new = snapshot(tmp_path / 'old'), snapshot(tmp_path / 'new')
+    # safetensors writes its header's metadata in no fixed order: the tensors are compared.
+    jax.tree.map(np.testing.assert_array_equal,
+                 safetensors.numpy.load(old.pop('model.safetensors')),
+                 safetensors.numpy.load(new.pop('model.safetensors')))
+    assert old == new

@@ -396,7 +396,7 @@ def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
         effnetv2_jax.save(path, variables, metadata)
         if config.save_pretrained:
             try:
-                hub.save_pretrained(variables, metadata, config.save_pretrained)
+                hub.save_pretrained(config.save_pretrained, variables, metadata)
             except OSError as e:  # changed since the run's start (_check_save_pretrained)
                 raise ConfigError(f'--save-pretrained: {first_line(e)} (the weights are '
                                   f'in {path})') from None
