@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                 'layout': layout.name, **{k: metadata[k] for k in ('variant', 'padding',
                                                                    'bn_eps')}})
         elif args.save_pretrained:
-            hub.save_pretrained(variables, metadata, output)
+            hub.save_pretrained(output, variables, metadata)
         else:
             checkpoint.save(output, variables, metadata, fmt=args.format)
     except (CheckpointError, OSError, ValueError) as e:  # bad input; unusable or unwritable output

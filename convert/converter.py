@@ -8,10 +8,11 @@ import numpy as np
 from convert import layouts
 from convert.layouts import Family, Layout
 from convert.torch_io import CheckpointError, Description
-from effnetv2_jax.checkpoint import check_variables
+from effnetv2_jax.checkpoint import check_variables, model_metadata
 from effnetv2_jax.messages import first_few
 from effnetv2_jax.configs import VARIANTS, Variant, get_variant
 from effnetv2_jax.layers import PADDINGS
+from effnetv2_jax.model import EfficientNetV2
 
 
 def _diff_report(expected: dict, state_dict: dict, limit: int = 8) -> str:
@@ -155,13 +156,11 @@ def to_flax(state_dict: dict[str, np.ndarray], reading: Reading) -> tuple[dict, 
         for name in e.flax_path[:-1]:
             node = node.setdefault(name, {})
         node[e.flax_path[-1]] = layouts.torch_to_flax_array(state_dict[e.torch_key], e.axes)
-    metadata = {
-        'variant': reading.variant.name, 'num_classes': reading.num_classes,
-        'padding': reading.padding, 'bn_eps': reading.bn_eps,
-        'source_layout': reading.layout.name,
-        'preprocessing': reading.family.spec(reading.variant, reading.num_classes),
-    }
-    return variables, metadata
+    model = EfficientNetV2(variant=reading.variant, num_classes=reading.num_classes,
+                           padding=reading.padding, bn_eps=reading.bn_eps)
+    return variables, model_metadata(
+            model, source_layout=reading.layout.name,
+            preprocessing=reading.family.spec(reading.variant, reading.num_classes))
 
 
 def torch_to_flax(state_dict: dict[str, np.ndarray], layout: str | None = None,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,13 +243,21 @@ PRETRAINED_KIND = OutputKind('a folder written by effnetv2_jax.save_pretrained',
                              _is_pretrained_folder, directory=True)
 
 
-def save_pretrained(variables, metadata: dict[str, Any], directory: str | os.PathLike) -> Path:
+def save_pretrained(directory: str | os.PathLike, variables, metadata: dict[str, Any]) -> Path:
     """Writes `directory` in timm's Hub format: `model.safetensors` (timm's state_dict keys),
     `config.json` (`config`) and a model card; loadable by `timm.create_model('local-dir:' +
     directory, pretrained=True)`, by `effnetv2_jax.load('local-dir:' + directory)`, and after
     `push_to_hub` by their `hf-hub:` names. Atomic; replaces only a folder it wrote
-    (`files.OutputError` otherwise); ValueError if the variables do not fit the metadata."""
+    (`files.OutputError` otherwise); ValueError if the variables do not fit the metadata.
+
+    The arguments are in `effnetv2_jax.save`'s order; the former `(variables, metadata,
+    directory)` still works, with a DeprecationWarning, until the next release."""
     from safetensors.numpy import save_file
+    if isinstance(directory, Mapping):  # the variables first: the former order
+        warnings.warn('save_pretrained(variables, metadata, directory) is deprecated: call '
+                      'save_pretrained(directory, variables, metadata)', DeprecationWarning,
+                      stacklevel=2)
+        directory, variables, metadata = metadata, directory, variables
     try:
         state_dict = converter.flax_to_torch(variables, metadata, 'timm')
     except CheckpointError as e:

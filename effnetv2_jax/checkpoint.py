@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
@@ -146,6 +147,37 @@ def build_model(metadata: dict[str, Any], **overrides) -> EfficientNetV2:
     return create_model(metadata['variant'], **kwargs)
 
 
+def model_metadata(model: EfficientNetV2, **extra) -> dict[str, Any]:
+    """The metadata (MODEL_KEYS) that `build_model` turns back into `model`, followed by `extra`
+    (e.g. `preprocessing`, `class_names`); MODEL_KEYS in `extra` give way to the model's."""
+    metadata = {'variant': model.variant.name, 'num_classes': model.num_classes,
+                'padding': model.padding, 'bn_eps': model.bn_eps}
+    return {**metadata, **{k: v for k, v in extra.items() if k not in metadata}}
+
+
+@functools.lru_cache(maxsize=8)
+def _classifier_initialiser(model: EfficientNetV2):
+    """A jitted `key -> model.init(key, ...)['params']['classifier']`: jit drops every other
+    initialiser. Cached per model, so that models of one architecture compile it once."""
+    images = jnp.zeros((1, 32, 32, 3), jnp.float32)  # no shape depends on the image size
+    return jax.jit(lambda key: model.init(key, images, train=False)['params']['classifier'])
+
+
+def fit_classifier(model: EfficientNetV2, variables, key: jax.Array) -> dict:
+    """`variables` (`{'params', 'batch_stats'}` of `model`'s architecture, for any number of
+    classes) with a classifier for `model.num_classes`: theirs if it has that many outputs, else
+    a fresh one, the one `model.init(key, ...)` makes (numpy; kernel normal(0.01), zero bias), or
+    none for 0 classes (pooled features). Everything else is kept; `variables` is not changed."""
+    params = variables['params']
+    classes = params['classifier']['kernel'].shape[-1] if 'classifier' in params else 0
+    if classes == model.num_classes:
+        return variables
+    params = {k: v for k, v in params.items() if k != 'classifier'}
+    if model.num_classes:
+        params['classifier'] = jax.device_get(_classifier_initialiser(model)(key))
+    return {**variables, 'params': params}
+
+
 def save(path: str | os.PathLike, variables, metadata: dict[str, Any], fmt: str = 'msgpack'):
     """Writes `{'params', 'batch_stats'}` and `metadata` (JSON-able, with MODEL_KEYS) atomically,
     over nothing but a weights file of the same format (`files.OutputError` otherwise).
@@ -209,12 +241,17 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     return variables, metadata
 
 
-def load(path: str | os.PathLike, **overrides) -> tuple[EfficientNetV2, dict]:
+def load(path: str | os.PathLike, *, key: jax.Array | None = None, **overrides
+         ) -> tuple[EfficientNetV2, dict]:
     """Loads converted weights, or pretrained ones by name (see `read`): returns
     `(model, variables)` ready for `model.apply`.
 
     `overrides` go to `create_model` (e.g. `dtype=jnp.bfloat16`, `features_only=True`,
-    `num_classes=0` for pooled features: the classifier's variables are then unused).
+    `num_classes=0` for pooled features). Another `num_classes` keeps everything but the
+    classifier, which is initialised afresh from `key` (default `jax.random.key(0)`; none for 0):
+    see `fit_classifier`.
     """
     variables, metadata = read(path)
-    return build_model(metadata, **overrides), variables
+    model = build_model(metadata, **overrides)
+    key = jax.random.key(0) if key is None else key
+    return model, fit_classifier(model, variables, key)

@@ -88,13 +88,11 @@ def to_linen(model: EfficientNetV2) -> tuple[LinenEfficientNetV2, dict]:
 
 
 @functools.lru_cache(maxsize=8)
-def _initialiser(module: LinenEfficientNetV2, only: str | None):
+def _initialiser(module: LinenEfficientNetV2):
     """A jitted `key -> module.init(...)`'s variables (from a 32 px image: shapes do not depend
-    on it), or only the params of the submodule `only`: jit then drops every other initialiser.
-    Cached per module, so that models of one architecture compile it once."""
+    on it). Cached per module, so that models of one architecture compile it once."""
     images = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    init = lambda key: module.init(key, images, train=False)
-    return jax.jit(init if only is None else lambda key: init(key)['params'][only])
+    return jax.jit(lambda key: module.init(key, images, train=False))
 
 
 def create_model(name: str, num_classes: int = 1000, *, rngs: nnx.Rngs, **overrides
@@ -103,7 +101,7 @@ def create_model(name: str, num_classes: int = 1000, *, rngs: nnx.Rngs, **overri
     as in `effnetv2_jax.create_model` (`dropout_rate`, `drop_path_rate`, `dtype`, `remat`,
     `features_only`, ...; `num_classes=0` for pooled features)."""
     module = create_linen_model(name, num_classes=num_classes, **overrides)
-    return from_linen(module, _initialiser(module, None)(rngs.params()), rngs=rngs)
+    return from_linen(module, _initialiser(module)(rngs.params()), rngs=rngs)
 
 
 def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **overrides
@@ -117,10 +115,7 @@ def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **overrides
     module = checkpoint.build_model(metadata, **overrides)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if module.num_classes != metadata['num_classes']:
-        params = {k: v for k, v in variables['params'].items() if k != 'classifier'}
-        if module.num_classes:
-            params['classifier'] = _initialiser(module, 'classifier')(rngs.params())
-        variables = {**variables, 'params': params}
+        variables = checkpoint.fit_classifier(module, variables, rngs.params())
         metadata = {k: v for k, v in metadata.items() if k != 'class_names'}
     return from_linen(module, variables, rngs=rngs, metadata=metadata)
 
@@ -129,8 +124,7 @@ def save(model: EfficientNetV2, path: str | os.PathLike, fmt: str = 'msgpack'):
     """Writes the model's current state as a weights file (`effnetv2_jax.save`'s format, which
     `load`, `effnetv2_jax.load`, `Predictor` and the converter read)."""
     module, variables = to_linen(model)
-    metadata = {**model.metadata, 'variant': module.variant.name,
-                'num_classes': module.num_classes, 'padding': module.padding,
-                'bn_eps': module.bn_eps}
-    metadata.pop('format_version', None)
+    # The file's eval transform and class names; not its format_version: save writes its own.
+    kept = {k: v for k, v in model.metadata.items() if k != 'format_version'}
+    metadata = checkpoint.model_metadata(module, **kept)
     checkpoint.save(path, jax.tree.map(np.asarray, variables), metadata, fmt=fmt)

@@ -560,7 +560,7 @@ def test_to_torch_without_layout_is_refused_for_weights_that_do_not_say_theirs(
 def test_to_torch_refuses_the_weights_of_a_save_pretrained_folder(capsys, tmp_path, small_weights,
                                                                   small_variables):
     folder = tmp_path / 'hub'
-    effnetv2_jax.save_pretrained(small_variables, SMALL_METADATA, folder)
+    effnetv2_jax.save_pretrained(folder, small_variables, SMALL_METADATA)
     before = snapshot(tmp_path)
     rc, _, err = cli(capsys, '--to-torch', small_weights, '--layout', 'wzmiaomiao',
                      '-o', folder / 'model.safetensors')
@@ -588,7 +588,7 @@ def test_to_torch_does_not_replace_a_file_of_an_earlier_release(capsys, tmp_path
                          ids=['save-pretrained-the-folder', 'output-inside-the-folder'])
 def test_a_local_dir_input_is_no_output(capsys, tmp_path, small_variables, output):
     folder = tmp_path / 'hub'
-    effnetv2_jax.save_pretrained(small_variables, SMALL_METADATA, folder)
+    effnetv2_jax.save_pretrained(folder, small_variables, SMALL_METADATA)
     before = snapshot(tmp_path)
     flag, path = output
     rc, _, err = cli(capsys, f'local-dir:{folder}', flag, tmp_path / path)

@@ -53,7 +53,7 @@ class Writer:
 def save_pretrained(output) -> int:
     variables, metadata = effnetv2_jax.checkpoint.read('w.msgpack')
     try:
-        effnetv2_jax.save_pretrained(variables, metadata, output)
+        effnetv2_jax.save_pretrained(output, variables, metadata)
     except OSError:
         return 2
     return 0
@@ -84,7 +84,7 @@ def build_world(root: Path, variables):
     a user's files, and an earlier output of every writer."""
     torch.save(torch_reference.create('b0', num_classes=3).state_dict(), root / 'ckpt.pth')
     effnetv2_jax.save(root / 'w.msgpack', variables, SMALL_METADATA)
-    effnetv2_jax.save_pretrained(variables, SMALL_METADATA, root / 'hub')
+    effnetv2_jax.save_pretrained(root / 'hub', variables, SMALL_METADATA)
     for cls in ('cat', 'dog'):
         (root / 'data' / cls).mkdir(parents=True)
         for i in range(2):

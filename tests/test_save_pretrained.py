@@ -55,7 +55,7 @@ def write_case(name: str, folder, small_variables) -> tuple:
     else:
         model = checkpoint.build_model(metadata)
         variables = jax.device_get(random_variables(model, np.zeros((1, 32, 32, 3), np.float32)))
-    assert effnetv2_jax.save_pretrained(variables, metadata, folder) == folder
+    assert effnetv2_jax.save_pretrained(folder, variables, metadata) == folder
     return folder, variables, metadata
 
 
@@ -155,9 +155,9 @@ def small(small_variables):
 def test_saving_again_replaces_a_folder_save_pretrained_wrote(tmp_path, small):
     variables, metadata = small
     folder = tmp_path / 'pretrained'
-    effnetv2_jax.save_pretrained(variables, metadata, folder)
+    effnetv2_jax.save_pretrained(folder, variables, metadata)
     other = jax.tree.map(lambda a: a + 1, variables)
-    effnetv2_jax.save_pretrained(other, metadata, folder)
+    effnetv2_jax.save_pretrained(folder, other, metadata)
     read_variables, _ = checkpoint.read(f'local-dir:{folder}')
     jax.tree.map(np.testing.assert_array_equal, read_variables, other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['pretrained']  # no temporary left
@@ -182,13 +182,13 @@ def test_refuses_a_path_save_pretrained_did_not_write_and_changes_nothing(tmp_pa
     make(tmp_path / 'pretrained')
     before = snapshot(tmp_path)
     with pytest.raises(OutputError, match='exists and is not a folder written by effnetv2_jax'):
-        effnetv2_jax.save_pretrained(*small, tmp_path / 'pretrained')
+        effnetv2_jax.save_pretrained(tmp_path / 'pretrained', *small)
     assert snapshot(tmp_path) == before
 
 
 def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, small, monkeypatch):
     folder = tmp_path / 'pretrained'
-    effnetv2_jax.save_pretrained(*small, folder)
+    effnetv2_jax.save_pretrained(folder, *small)
     before = snapshot(tmp_path)
 
     def disk_full(tensors, path, metadata=None):
@@ -196,14 +196,14 @@ def test_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path, small, mo
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(safetensors.numpy, 'save_file', disk_full)
     with pytest.raises(OSError, match='cannot write .*: no space left on device'):
-        effnetv2_jax.save_pretrained(*small, folder)
+        effnetv2_jax.save_pretrained(folder, *small)
     assert snapshot(tmp_path) == before
 
 
 def test_variables_that_do_not_fit_the_metadata_are_a_one_line_value_error(tmp_path, small):
     variables, metadata = small
     with pytest.raises(ValueError) as error:
-        effnetv2_jax.save_pretrained(variables, {**metadata, 'num_classes': 4}, tmp_path / 'p')
+        effnetv2_jax.save_pretrained(tmp_path / 'p', variables, {**metadata, 'num_classes': 4})
     assert str(error.value).startswith('the variables do not fit EfficientNetV2-B0 (4 classes): ')
     assert '\n' not in str(error.value)
     assert list(tmp_path.iterdir()) == []
@@ -244,7 +244,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture
 def small_folder(tmp_path, small):
     folder = tmp_path / 'pretrained'
-    effnetv2_jax.save_pretrained(*small, folder)
+    effnetv2_jax.save_pretrained(folder, *small)
     return folder
 
 

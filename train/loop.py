@@ -157,9 +157,7 @@ def _model_and_variables(config: TrainConfig, num_classes: int):
             raise ConfigError(f'--variant: {e}') from None
     variables, metadata = _read_init(config.init)
     model = checkpoint.build_model(metadata, **overrides)
-    if metadata['num_classes'] != num_classes:
-        fresh = _init_variables(model, config.seed)
-        variables['params']['classifier'] = fresh['params']['classifier']
+    variables = checkpoint.fit_classifier(model, variables, jax.random.key(config.seed))
     return model, variables, metadata
 
 
@@ -390,16 +388,15 @@ def _save_weights(config, model, state, which: str, spec, class_names) -> Path:
     `effnetv2_jax.load` and `--eval-only`, and the same to `--save-pretrained` for timm and the
     Hub."""
     variables = jax.device_get(state.weights()[which])
-    metadata = {'variant': model.variant.name, 'num_classes': model.num_classes,
-                'padding': model.padding, 'bn_eps': model.bn_eps, 'source_layout': 'effnetv2-jax',
-                'preprocessing': spec, 'class_names': list(class_names),
-                'trained': {'weights': which, 'steps': int(state.step), 'init': config.init}}
+    metadata = checkpoint.model_metadata(
+            model, source_layout='effnetv2-jax', preprocessing=spec, class_names=list(class_names),
+            trained={'weights': which, 'steps': int(state.step), 'init': config.init})
     path = Path(config.workdir) / WEIGHTS_FILE
     if jax.process_index() == 0:
         effnetv2_jax.save(path, variables, metadata)
         if config.save_pretrained:
             try:
-                hub.save_pretrained(variables, metadata, config.save_pretrained)
+                hub.save_pretrained(config.save_pretrained, variables, metadata)
             except OSError as e:  # changed since the run's start (_check_save_pretrained)
                 raise ConfigError(f'--save-pretrained: {first_line(e)} (the weights are '
                                   f'in {path})') from None
