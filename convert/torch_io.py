@@ -61,11 +61,11 @@ class TorchCheckpoint(NamedTuple):
     description: Optional[Description]
 
 
-def _torch_load(path: Path, **kwargs):
+def _torch_load(path: Path, mmap: bool = False):
     import torch
     with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_CLASSES):
         warnings.simplefilter('ignore')  # torch warns about old pickle protocols on stderr
-        return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
 
 
 def _marks(path: Path, loaded=None) -> dict:
