@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 import effnetv2_jax
-from convert import layouts
+from effnetv2_jax import layouts
 
 
 def random_weights(variant: str, path: Path) -> dict:

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from convert import converter, hub, layouts, torch_io
-from convert.torch_io import CheckpointError
-from effnetv2_jax import checkpoint, cli, transforms
+from convert import torch_io
+from effnetv2_jax import checkpoint, cli, converter, hub, layouts, transforms
+from effnetv2_jax.converter import CheckpointError
 from effnetv2_jax.files import OutputKind, check_output
 from effnetv2_jax.layers import PADDINGS
 from effnetv2_jax.messages import first_line
@@ -106,13 +106,13 @@ def default_output(args) -> Path:
         args.format == 'orbax') else '.msgpack')
 
 
-def run_verify(family: layouts.Family, assumption: str, metadata, state_dict, variables, size,
-               tolerance) -> bool:
+def run_verify(layout: layouts.Layout, family: layouts.Family, assumption: str, metadata,
+               state_dict, variables, size, tolerance) -> bool:
     from convert import verify
     tolerance = verify.TOLERANCE if tolerance is None else tolerance
     print(f'verify: assumed {assumption}')
     flax_model = checkpoint.build_model(metadata)
-    torch_module = verify.torch_model(family, metadata, state_dict)
+    torch_module = verify.torch_model(layout, family, metadata, state_dict)
     result = verify.compare(torch_module, flax_model, variables, verify.random_images(2, size))
     ok = result.relative <= tolerance and result.same_top1
     print(f'verify ({family.model_name(metadata["variant"])} in PyTorch vs Flax, 2 random '
@@ -182,8 +182,8 @@ def main(argv=None) -> int:
             layout, family, assumption = reading.layout, reading.family, reading.assumption
         if not args.allow_nonfinite:
             converter.check_finite(state_dict)
-        if args.verify and not run_verify(family, assumption, metadata, state_dict, variables,
-                                          args.verify_size, args.tolerance):
+        if args.verify and not run_verify(layout, family, assumption, metadata, state_dict,
+                                          variables, args.verify_size, args.tolerance):
             return cli.fail('verification failed; nothing written', cli.EXIT_MISMATCH)
         if args.to_torch:
             torch_io.write_state_dict(output, state_dict, model={

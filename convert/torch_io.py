@@ -12,19 +12,18 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from effnetv2_jax.messages import first_line
+from effnetv2_jax.converter import PRODUCER, CheckpointError, Description, to_numpy
 from effnetv2_jax.files import OutputKind, atomic_write
+from effnetv2_jax.messages import first_line
 
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'ema_state_dict')
 MODEL_KEYS = ('state_dict', 'model', 'model_state_dict', 'net', 'params')
-STRIP_PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DDP, torch.compile
 # Every PyTorch file this project writes carries its producer and its writer, so that a rerun
 # replaces its own output and nothing else (not a save_pretrained folder's weights, which carry
 # another writer): in the safetensors header's metadata, or (torch.save) as the root entry of
 # the state_dict's `_metadata`, the per-module dict `nn.Module.load_state_dict` passes on and
 # otherwise ignores. Files of releases before the writer was recorded carry the producer alone:
 # such a file may be a save_pretrained folder's weights, so --to-torch replaces none of them.
-PRODUCER = 'effnetv2-jax'
 EXPORT_MARK = {'producer': PRODUCER, 'written_by': 'convert --to-torch'}
 # What a --to-torch file says of its weights besides the tensors, so that converting it back
 # needs no flags: the layout written and the model the weights are of.
@@ -33,24 +32,6 @@ EXPORT_FIELDS = ('layout', 'variant', 'padding', 'bn_eps')
 # weights_only unpickler may rebuild that (a plain attribute bag) and nothing more.
 SAFE_CLASSES = [argparse.Namespace]
 TIMM_CLASS_NAME = 'efficientnet'  # the `arch` timm's train.py saves without `args`: any model
-
-
-class CheckpointError(Exception):
-    """A user-facing problem with an input file or its contents (one line, exit status 2)."""
-
-
-class Description(NamedTuple):
-    """What a checkpoint says of its weights besides the tensors, and who says it (`origin`,
-    for messages): a training checkpoint names its model (`architecture`, with timm's
-    `model_args`), a --to-torch file gives its layout, variant, padding and BN eps. None: not
-    said."""
-    origin: str
-    architecture: Optional[str] = None
-    model_args: dict = {}
-    layout: Optional[str] = None
-    variant: Optional[str] = None
-    padding: Optional[str] = None
-    bn_eps: Optional[float] = None
 
 
 class TorchCheckpoint(NamedTuple):
@@ -203,19 +184,6 @@ def read_state_dict(path: str | os.PathLike, ema: bool = False) -> TorchCheckpoi
     if not _is_state_dict(obj):
         raise CheckpointError(f'{path}: holds a {type(obj).__name__}, not a state_dict')
     return TorchCheckpoint(to_numpy(obj), where, description)
-
-
-def to_numpy(state_dict) -> dict[str, np.ndarray]:
-    """A torch state_dict as float32 numpy arrays, without `num_batches_tracked` and without the
-    `module.` / `_orig_mod.` prefixes of DataParallel, DDP and torch.compile."""
-    out = {}
-    for key, tensor in state_dict.items():
-        for prefix in STRIP_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        if not key.endswith('num_batches_tracked'):
-            out[key] = tensor.detach().float().cpu().numpy()
-    return out
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray],

@@ -1,17 +1,54 @@
-"""Runs converted weights in PyTorch and in Flax on the same batch and compares the logits."""
+"""Runs converted weights in PyTorch and in Flax on the same batch and compares the logits.
+
+The PyTorch side: a builder of each layout family's models (`BUILDERS`), which the torch-free
+layouts (effnetv2_jax.layouts) leave to this module.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from convert.layouts import Family
-from convert.torch_io import CheckpointError
+from effnetv2_jax.converter import CheckpointError
+from effnetv2_jax.layouts import TIMM, TORCHVISION, WZMIAOMIAO, Family, Layout
 
 TOLERANCE = 1e-5  # max |Δ logit| relative to max |logit|, fp32 on CPU; ports reach ~1e-6
 
 
-def torch_model(family: Family, metadata: dict[str, Any], state_dict: dict[str, np.ndarray]):
+def _build_reference(name: str, num_classes: int, bn_eps: float):
+    from convert import torch_reference
+    return torch_reference.create(name, num_classes)  # the model.py's own eps, 1e-3
+
+
+def _build_torchvision(name: str, num_classes: int, bn_eps: float):
+    import torchvision
+    return getattr(torchvision.models, name)(num_classes=num_classes)
+
+
+def _build_timm(name: str, num_classes: int, bn_eps: float):
+    try:
+        import timm
+        import torch
+    except ImportError:
+        raise ValueError('verifying timm weights needs timm: pip install timm') from None
+    module = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    for layer in module.modules():  # timm's models take their eps from the weights' source
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.eps = bn_eps
+    return module
+
+
+# (layout name, family model pattern) -> (model name, num_classes, bn_eps) -> torch.nn.Module
+BUILDERS: dict[tuple[str, str], Callable] = {
+    (WZMIAOMIAO.name, WZMIAOMIAO.families[0].model): _build_reference,
+    (TORCHVISION.name, TORCHVISION.families[0].model): _build_torchvision,
+    **{(TIMM.name, family.model): _build_timm for family in TIMM.families},
+}
+
+
+def torch_model(layout: Layout, family: Family, metadata: dict[str, Any],
+                state_dict: dict[str, np.ndarray]):
     """`family`'s PyTorch model of the metadata's variant and classes, in eval mode, with
     `state_dict` loaded and the metadata's BN eps where the family takes one.
 
@@ -19,9 +56,13 @@ def torch_model(family: Family, metadata: dict[str, Any], state_dict: dict[str, 
     padding that departs from the source's models does to the outputs.
     """
     import torch
+    variant = metadata['variant']
+    if variant not in family.variants:
+        raise CheckpointError(f'there is no {family.model_name(variant)}')
+    build = BUILDERS[layout.name, family.model]
     try:
-        model = family.torch_model(metadata['variant'], metadata['num_classes'],
-                                   metadata['bn_eps'])
+        model = build(family.model_name(variant), metadata['num_classes'],
+                      metadata['bn_eps']).eval()
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     tensors = {k: torch.from_numpy(np.array(v, order='C')) for k, v in state_dict.items()}

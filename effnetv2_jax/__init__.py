@@ -1,7 +1,10 @@
 """EfficientNetV2 in JAX/Flax, with weights converted from PyTorch (see `python -m convert`)."""
+__version__ = '0.1.0'
+
 from effnetv2_jax.cache import enable_compilation_cache
 from effnetv2_jax.checkpoint import load, save
 from effnetv2_jax.configs import VARIANTS, Stage, Variant, get_variant
+from effnetv2_jax.hub import push_to_hub, save_pretrained
 from effnetv2_jax.layers import BatchNorm, ConvBNAct, DropPath, SqueezeExcite
 from effnetv2_jax.model import EfficientNetV2, FusedMBConv, MBConv, create_model, list_models
 from effnetv2_jax.predictor import Prediction, Predictor
@@ -13,12 +16,3 @@ __all__ = [
     'enable_compilation_cache', 'get_variant', 'list_models', 'load', 'preprocess',
     'push_to_hub', 'save', 'save_pretrained',
 ]
-__version__ = '0.1.0'
-
-
-def __getattr__(name):
-    # The Hub writers live with the converter (they map to timm's layout); imported on first use.
-    if name in ('save_pretrained', 'push_to_hub'):
-        from convert import hub
-        return getattr(hub, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -219,7 +219,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     its variables do not fit the model its metadata describes (`check_variables`), or if a name
     cannot be resolved."""
     if str(path).startswith(PRETRAINED_SCHEMES):
-        from convert import pretrained  # the converter: timm's and torchvision's layouts
+        from effnetv2_jax import pretrained  # it reads weights files through this module
         return pretrained.read(str(path))
     path = Path(path)
     if not path.exists():

@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import effnetv2_jax
-from convert import converter, torch_io
+from convert import torch_io
+from effnetv2_jax import converter
 from convert.__main__ import main
 from convert.torch_io import CheckpointError
 from convert.torch_reference import randomize_

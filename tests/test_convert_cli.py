@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 import effnetv2_jax
 from convert.torch_reference import randomize_
-from convert import layouts, torch_reference
+from convert import torch_reference
+from effnetv2_jax import layouts
 from convert.__main__ import main
 from effnetv2_jax import checkpoint
 from helpers import SMALL_METADATA, assert_one_line_error, snapshot

@@ -19,7 +19,8 @@ import timm
 import effnetv2_jax
 from helpers import (SOURCES, assert_logits_close, convert, jitted_apply, noise,
                       torch_logits)
-from convert import converter, torch_reference
+from convert import torch_reference
+from effnetv2_jax import converter
 from convert.torch_reference import randomize_
 from effnetv2_jax import kernels
 from effnetv2_jax.configs import OFFICIAL_VARIANTS

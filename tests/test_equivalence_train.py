@@ -19,7 +19,8 @@ import torch
 import torchvision
 
 from helpers import TIMM_TF_SYMMETRIC, assert_logits_close, convert, noise
-from convert import converter, torch_reference
+from convert import torch_reference
+from effnetv2_jax import converter
 from convert.torch_reference import randomize_
 from effnetv2_jax import kernels
 

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import effnetv2_jax
-from convert import converter, torch_io, torch_reference
+from convert import torch_io, torch_reference
+from effnetv2_jax import converter
 from convert.__main__ import main as convert_main
 from helpers import assert_one_line_error
 

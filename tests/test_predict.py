@@ -25,7 +25,7 @@ from PIL import Image
 import effnetv2_jax
 from helpers import (convert, photos, wzmiaomiao_transform, timm_transform, torch_preprocess,
                       torchvision_transform)
-from convert import layouts
+from effnetv2_jax import layouts
 from convert.torch_reference import randomize_
 from effnetv2_jax import Predictor, checkpoint
 from effnetv2_jax.configs import OFFICIAL_VARIANTS, get_variant

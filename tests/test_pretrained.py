@@ -30,11 +30,11 @@ import torchvision
 from PIL import Image
 from timm.models._hub import save_for_hf
 
-import convert.hub
-from convert import pretrained
+import effnetv2_jax
+import effnetv2_jax.hub
 from convert.__main__ import main as convert_main
 from convert.torch_reference import randomize_
-import effnetv2_jax
+from effnetv2_jax import pretrained
 from effnetv2_jax import Predictor, checkpoint
 from effnetv2_jax.predict import main as predict_main
 from effnetv2_jax.transforms import eval_crops, normalize
@@ -252,7 +252,7 @@ def test_convert_cli_writes_a_hub_name_as_weights_file(hub, tmp_path, monkeypatc
 def test_convert_cli_saves_a_name_in_timms_format_and_pushes_it(hub, tmp_path, monkeypatch):
     publish(hub, 'tf_efficientnetv2_b0.in1k')
     pushed = []
-    monkeypatch.setattr(convert.hub, 'push_to_hub',
+    monkeypatch.setattr(effnetv2_jax.hub, 'push_to_hub',
                         lambda folder, repo_id: pushed.append((folder, repo_id)) or 'url')
     assert convert_main(['hf-hub:timm/tf_efficientnetv2_b0.in1k', '--save-pretrained',
                          str(tmp_path / 'b0'), '--push-to-hub', 'me/b0']) == 0
@@ -268,7 +268,7 @@ def test_failed_push_says_the_folder_was_written(hub, tmp_path, monkeypatch, cap
 
     def offline(folder, repo_id):
         raise huggingface_hub.errors.OfflineModeIsEnabled('Cannot reach the Hub: offline mode')
-    monkeypatch.setattr(convert.hub, 'push_to_hub', offline)
+    monkeypatch.setattr(effnetv2_jax.hub, 'push_to_hub', offline)
     assert convert_main(['hf-hub:timm/tf_efficientnetv2_b0.in1k', '--save-pretrained',
                          str(tmp_path / 'b0'), '--push-to-hub', 'me/b0']) == 2
     assert 'was written, but the upload failed' in assert_one_line_error(capsys.readouterr().err)

@@ -16,7 +16,7 @@ import timm
 import torch
 
 import effnetv2_jax
-from convert import hub
+from effnetv2_jax import hub
 from effnetv2_jax import checkpoint
 from effnetv2_jax.files import OutputError
 from effnetv2_jax.transforms import HALF_NORMALISATION, IMAGENET_NORMALISATION, preprocess

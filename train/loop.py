@@ -21,8 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import effnetv2_jax
-from convert import hub
-from effnetv2_jax import checkpoint
+from effnetv2_jax import checkpoint, hub
 from effnetv2_jax.files import check_apart, check_output
 from effnetv2_jax.messages import first_few, first_line, write_failure
 from effnetv2_jax.transforms import HALF_NORMALISATION
