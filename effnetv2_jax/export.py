@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             return cli.fail(ONNX_MISSING)
     output = args.output or cli.output_for(args.weights, '.onnx' if onnx_format else '.jaxexport')
     platforms = args.platforms.split(',') if args.platforms is not None else None
-    inputs = [args.weights] if isinstance(args.weights, Path) else []  # a name is no path
+    inputs = [args.weights]  # a local-dir: folder included; a remote name reads nothing here
     try:
         if onnx_format:
             check_output(output, ONNX_KIND, inputs=inputs)

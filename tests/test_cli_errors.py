@@ -106,6 +106,9 @@ MISTAKES = {  # id: (command, argv, what the error line says)
         'ckpt.pth exists and is not a PyTorch file written by python -m convert'),
     'export-over-a-users-file': (
         export_main, ['w.msgpack', '-o', 'mine.txt'], 'mine.txt exists and is not'),
+    'export-into-its-local-dir-input': (
+        export_main, ['local-dir:photos', '-o', 'photos/m.jaxexport'],
+        'output photos/m.jaxexport is inside the input local-dir:photos'),
     'export-weights-not-metadata': (
         export_main, ['head.msgpack', '-o', 'out.jaxexport'], 'expected float32[1000]'),
     'predict-weights-not-metadata': (

@@ -74,6 +74,9 @@ WRITERS = {
     'export': Writer(lambda out: export_main(['w.msgpack', '-o', out, '--image-size', '32']),
                      ('w.msgpack',), ('own.jaxexport',),
                      extra_outputs=lambda out: (f'{out}.json',)),
+    'export local-dir:': Writer(
+        lambda out: export_main(['local-dir:hub', '-o', out, '--image-size', '32']), ('hub',),
+        ('own.jaxexport',), extra_outputs=lambda out: (f'{out}.json',)),
     'train.pack': Writer(lambda out: pack_main(['data', out, '--shards', '1']), ('data',),
                          ('own_packed',)),
 }
